@@ -1,0 +1,115 @@
+"""Checkpoint artifacts: the plain-dict `.pt` files that chain the stages (DESIGN.md contract).
+
+Keys: format, stage, cfg (Darknet text), state_dict, classes (names), input_size [h, w], config,
+metrics, parent (sha256 of the parent artifact file or None), lineage (ancestors, oldest first),
+prune (optional), train_state (last.pt only). Saved atomically; loaded with weights_only=True and
+checked: format, required keys, cfg parses, and the state_dict fits the model the cfg builds.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import YoloCompressError
+from .fileio import atomic_open
+from .models.cfg import parse_cfg, write_cfg
+from .models.darknet import Darknet
+
+__all__ = ["FORMAT", "STAGES", "make_artifact", "save_artifact", "load_artifact", "build_model",
+           "file_sha256", "artifact_from_model"]
+
+FORMAT = "yolocompress/1"
+STAGES = ("imported", "baseline", "sparse", "pruned", "distilled", "finetuned")
+_REQUIRED = ("format", "stage", "cfg", "state_dict", "classes", "input_size", "config",
+             "metrics", "parent")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_artifact(stage: str, cfg: str, state_dict: dict[str, torch.Tensor], classes: list[str],
+                  input_size: tuple[int, int] | list[int], config: dict | None = None,
+                  metrics: dict | None = None, parent: str | None = None,
+                  lineage: list[dict] | None = None, **extra: Any) -> dict:
+    """A validated-shape artifact dict; tensors are detached copies on the CPU."""
+    if stage not in STAGES:
+        raise YoloCompressError(f"unknown artifact stage '{stage}' (one of {', '.join(STAGES)})")
+    art = {
+        "format": FORMAT, "stage": stage, "cfg": cfg,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "classes": list(classes), "input_size": [int(s) for s in input_size],
+        "config": config or {}, "metrics": metrics or {}, "parent": parent,
+        "lineage": list(lineage or []),
+    }
+    art.update(extra)
+    return art
+
+
+def artifact_from_model(model: Darknet, stage: str, classes: list[str], **kw: Any) -> dict:
+    """Artifact of a built model: its cfg text, state_dict and input size."""
+    return make_artifact(stage, write_cfg(model.blocks), model.state_dict(), classes,
+                         kw.pop("input_size", model.input_size), **kw)
+
+
+def save_artifact(art: dict, path: str | os.PathLike) -> str:
+    """Write atomically; returns the file's sha256 (what children record as `parent`)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(art, f)
+    return file_sha256(path)
+
+
+def load_artifact(path: str | os.PathLike, check: bool = True) -> dict:
+    """Load with weights_only=True and validate; any problem is a one-line YoloCompressError."""
+    path = Path(path)
+    if not path.is_file():
+        raise YoloCompressError(f"{path}: no such artifact file")
+    try:
+        art = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise YoloCompressError(f"{path}: not a readable artifact (corrupt or truncated?): "
+                                f"{first[:200]}") from e
+    if not isinstance(art, dict) or "format" not in art:
+        raise YoloCompressError(f"{path}: not a yolocompress artifact (no 'format' key)")
+    if art["format"] != FORMAT:
+        raise YoloCompressError(f"{path}: artifact format '{art['format']}' is not supported "
+                                f"(this version reads '{FORMAT}')")
+    missing = [k for k in _REQUIRED if k not in art]
+    if missing:
+        raise YoloCompressError(f"{path}: artifact is missing {', '.join(missing)}")
+    if check:
+        build_model(art, source=str(path))
+    return art
+
+
+def build_model(art: dict, source: str = "<artifact>") -> Darknet:
+    """The Darknet model an artifact describes, with its weights loaded (strict)."""
+    blocks = parse_cfg(art["cfg"], source=f"{source}[cfg]")
+    model = Darknet(blocks)
+    if model.classes != len(art["classes"]):
+        raise YoloCompressError(f"{source}: cfg has {model.classes} classes but the artifact "
+                                f"names {len(art['classes'])}")
+    expected = model.state_dict()
+    sd = art["state_dict"]
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise YoloCompressError(f"{source}: cfg and state_dict disagree ({what}; "
+                                f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise YoloCompressError(f"{source}: cfg and state_dict disagree: {k} has shape "
+                                    f"{tuple(sd[k].shape)}, the cfg needs {tuple(v.shape)}")
+    model.load_state_dict(sd)
+    return model

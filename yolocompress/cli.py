@@ -1,0 +1,158 @@
+"""The `yolocompress` command: one entry point, one sub-command per job.
+
+Errors a user can fix are YoloCompressError: printed as one line `error: ...`, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import YoloCompressError
+
+__all__ = ["main"]
+
+
+def _load_blocks(source: str, classes: int | None):
+    """Blocks and input size from a cfg file or an artifact."""
+    from .artifacts import load_artifact
+    from .models.cfg import parse_cfg, read_cfg, set_classes
+
+    if source.endswith(".pt"):
+        art = load_artifact(source)
+        blocks, size = parse_cfg(art["cfg"], source=f"{source}[cfg]"), art["input_size"]
+    else:
+        blocks = read_cfg(source)
+        size = [blocks[0].get_int("height", 416), blocks[0].get_int("width", 416)]
+    if classes is not None:
+        blocks = set_classes(blocks, classes)
+    return blocks, size
+
+
+def cmd_info(args) -> None:
+    from .models.darknet import Darknet
+    from .models.profile import profile_summary
+
+    blocks, size = _load_blocks(args.source, args.classes)
+    if args.img_size:
+        size = [args.img_size, args.img_size]
+    Darknet(blocks)  # validates heads/classes as a build would
+    summary = profile_summary(blocks, *size)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{'idx':>4} {'name':<12} {'part':<9} {'role':<10} {'output':>16} {'params':>11} "
+          f"{'BFLOPs':>8}")
+    for r in summary["layers"]:
+        c, h, w = r["out"]
+        print(f"{r['index']:>4} {r['name']:<12} {r['part']:<9} {r['role']:<10} "
+              f"{f'{c}x{h}x{w}':>16} {r['params']:>11,} {r['flops'] / 1e9:>8.3f}")
+    print(f"{args.source} @ {size[0]}x{size[1]}: {summary['params']:,} params, "
+          f"{summary['flops'] / 1e9:.3f} BFLOPs ({summary['flops_conv'] / 1e9:.3f} in convs)")
+
+
+def cmd_import_darknet(args) -> None:
+    from .artifacts import artifact_from_model, save_artifact
+    from .models.cfg import read_cfg
+    from .models.darknet import Darknet
+    from .models.weights import load_darknet_weights
+
+    blocks = read_cfg(args.cfg)
+    names = _class_names(args.names, args.classes)
+    import torch
+    torch.manual_seed(args.seed)
+    model = Darknet(blocks, classes=len(names))
+    model.initialize()
+    metrics = {}
+    if args.weights:
+        report = load_darknet_weights(model, args.weights)
+        print(report.summary())
+        metrics["darknet_layers_loaded"] = report.layers_loaded
+    size = [args.img_size, args.img_size] if args.img_size else list(model.input_size)
+    art = artifact_from_model(model, "imported", names, input_size=size, metrics=metrics,
+                              config={"cfg": str(args.cfg), "weights": args.weights,
+                                      "seed": args.seed})
+    sha = save_artifact(art, args.out)
+    print(f"wrote {args.out} (stage imported, {len(names)} classes, sha256 {sha[:12]})")
+
+
+def _class_names(names: str | None, classes: int | None) -> list[str]:
+    if names:
+        path = Path(names)
+        if not path.is_file():
+            raise YoloCompressError(f"{names}: no such names file")
+        out = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+        if not out:
+            raise YoloCompressError(f"{names}: the names file is empty")
+        if classes is not None and classes != len(out):
+            raise YoloCompressError(f"{names}: {len(out)} names but --classes {classes}")
+        return out
+    if classes is None:
+        raise YoloCompressError("give --classes N or --names FILE")
+    return [f"class{i}" for i in range(classes)]
+
+
+def cmd_export(args) -> None:
+    from .artifacts import load_artifact
+    from .export import export_darknet, export_onnx
+
+    art = load_artifact(args.artifact)
+    if args.format == "darknet":
+        cfg, weights = export_darknet(art, args.out)
+        print(f"wrote {cfg} and {weights}")
+    else:
+        out = export_onnx(art, args.out, opset=args.opset)
+        print(f"wrote {out}")
+        if args.check:
+            from .export import check_onnx
+            diff = check_onnx(art, out)
+            print(f"ONNX Runtime vs PyTorch: max abs diff {diff:.2e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yolocompress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="per-layer shapes, params and FLOPs of a cfg or artifact")
+    s.add_argument("source", help="Darknet .cfg or artifact .pt")
+    s.add_argument("--img-size", type=int, help="square input size (default: the cfg's [net])")
+    s.add_argument("--classes", type=int, help="rewrite the heads for this many classes")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("import-darknet", help="Darknet cfg [+ weights] -> artifact")
+    s.add_argument("cfg")
+    s.add_argument("weights", nargs="?", help="Darknet .weights (full or partial, e.g. .conv.137)")
+    s.add_argument("--classes", type=int, help="number of classes (heads are rewritten)")
+    s.add_argument("--names", help="file with one class name per line")
+    s.add_argument("--img-size", type=int, help="input size stored in the artifact")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    s.add_argument("--out", required=True, help="artifact path (.pt)")
+    s.set_defaults(func=cmd_import_darknet)
+
+    s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
+    s.add_argument("artifact")
+    s.add_argument("--format", choices=["darknet", "onnx"], required=True)
+    s.add_argument("--out", required=True, help="output path (darknet: stem of .cfg/.weights)")
+    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except YoloCompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
