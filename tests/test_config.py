@@ -1,0 +1,317 @@
+"""Experiment config: defaults, YAML, dotted overrides, unknown keys, validation, _base_, round trips."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from yolocompress.config import (
+    Config,
+    TrainConfig,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+)
+from yolocompress.errors import YoloCompressError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "cfg" / "experiments"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def exp(tmp_path: Path) -> Path:
+    return write(tmp_path / "exp.yaml", "model:\n  img_size: 320\ntrain:\n  lr: 0.01\n  steps: [0.5, 0.75]\n")
+
+
+def test_defaults():
+    c = Config()
+    assert c.name is None and c.source is None
+    m = c.model
+    assert (m.img_size, m.classes, m.weights, m.letterbox) == (416, None, None, None)
+    t = c.train
+    assert (t.nominal_batch, t.lr, t.momentum, t.weight_decay) == (64, 0.0013, 0.949, 0.0005)
+    assert (t.burn_in, t.burn_in_power, t.steps, t.scales) == (1000, 4.0, (0.8, 0.9), 0.1)
+    assert (t.optimizer, t.schedule, t.amp, t.device) == ("sgd", "steps", None, "auto")
+    a = c.augment
+    assert (a.mosaic, a.hsv_h, a.hsv_s, a.hsv_v, a.flip, a.jitter) == (0.5, 0.1, 1.5, 1.5, 0.5, 0.3)
+    assert (a.translate, a.scale, a.degrees) == (0.0, 0.0, 0.0)
+    e = c.eval
+    assert (e.metric, e.conf_thresh, e.nms_iou, e.max_det) == ("voc07", 0.005, 0.45, 300)
+
+
+def test_empty_yaml_gives_defaults_named_after_the_file(tmp_path):
+    c = load_config(write(tmp_path / "my-exp.yaml", "# nothing\n"))
+    assert c.name == "my-exp"
+    assert c.source == os.path.abspath(tmp_path / "my-exp.yaml")
+    assert replace(c, name=None, source=None) == Config()
+
+
+def test_yaml_values_override_defaults(exp):
+    c = load_config(exp)
+    assert c.model.img_size == 320
+    assert c.train.lr == 0.01 and c.train.steps == (0.5, 0.75)
+    assert c.train.epochs == TrainConfig().epochs  # untouched keys keep their default
+
+
+def test_yaml_float_without_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; the float field still accepts it.
+    c = load_config(write(tmp_path / "e.yaml", "train:\n  lr: 1e-3\n  weight_decay: 5e-4\n"))
+    assert c.train.lr == 0.001 and c.train.weight_decay == 0.0005
+
+
+def test_overrides_convert_to_declared_types(exp):
+    c = load_config(exp, [
+        "train.epochs=7", "train.lr=0.02", "train.ema=false", "train.multi_scale=True",
+        "model.weights=null", "model.classes=3", "train.steps=[0.7,0.9]", "train.optimizer=adamw",
+        "train.grad_clip=10", "name=2024", "model.letterbox=true", "eval.metric=coco",
+        "train.amp=~",
+    ])
+    assert c.train.epochs == 7 and type(c.train.epochs) is int
+    assert c.train.lr == 0.02
+    assert c.train.ema is False and c.train.multi_scale is True
+    assert c.model.weights is None and c.model.classes == 3 and c.model.letterbox is True
+    assert c.train.steps == (0.7, 0.9)
+    assert c.train.optimizer == "adamw" and c.eval.metric == "coco"
+    assert c.train.grad_clip == 10.0 and type(c.train.grad_clip) is float
+    assert c.name == "2024"  # a string field keeps the text, YAML would have made it an int
+    assert c.train.amp is None
+    assert c.model.img_size == 320  # the file's value survives unrelated overrides
+
+
+def test_override_replaces_file_value_and_sets_path(exp):
+    c = load_config(exp, ["model.img_size=608", "model.weights=w/yolov4.weights"])
+    assert c.model.img_size == 608 and c.model.weights == "w/yolov4.weights"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", "override train.epochs=abc: expected an integer, got 'abc'"),
+    ("train.epochs=2.5", "override train.epochs=2.5: expected an integer, got 2.5"),
+    ("train.lr=fast", "override train.lr=fast: expected a finite number, got 'fast'"),
+    ("train.lr=nan", "expected a finite number"),
+    ("train.ema=maybe", "override train.ema=maybe: expected true or false, got 'maybe'"),
+    ("train.ema=1", "expected true or false, got 1"),
+    ("train.steps=0.7", "expected a list of numbers, e.g. [0.8, 0.9], got 0.7"),
+    ("train.steps=[0.7,x]", "expected a list of numbers"),
+    ("train.optimizer=sgdd", "expected one of 'sgd', 'adam', 'adamw', got 'sgdd'"),
+    ("model.classes=many", "expected an integer or null, got 'many'"),
+    ("train.epochs=null", "expected an integer, got null"),
+])
+def test_bad_override_type(exp, override, message):
+    with pytest.raises(YoloCompressError) as e:
+        load_config(exp, [override])
+    assert message in str(e.value)
+    assert str(exp) in str(e.value)
+
+
+def test_unknown_key_in_yaml_suggests_closest(tmp_path):
+    path = write(tmp_path / "demo.yaml", "train:\n  lrr: 0.1\n")
+    with pytest.raises(YoloCompressError, match=r"^unknown key 'train.lrr' in .*demo.yaml "
+                       r"\(did you mean 'train.lr'\?\)$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("yaml_text, key, suggestion", [
+    ("trian:\n  lr: 0.1\n", "trian", "train"),
+    ("train:\n  mosaic: 0.2\n", "train.mosaic", "augment.mosaic"),   # right key, wrong section
+    ("lr: 0.1\n", "lr", "train.lr"),
+    ("model:\n  img: 320\n", "model.img", "model.img_size"),
+])
+def test_unknown_key_suggestions(tmp_path, yaml_text, key, suggestion):
+    with pytest.raises(YoloCompressError, match=rf"unknown key '{key}' .*did you mean '{suggestion}'"):
+        load_config(write(tmp_path / "e.yaml", yaml_text))
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
+    with pytest.raises(YoloCompressError) as e:
+        load_config(write(tmp_path / "e.yaml", "train:\n  zzzqqq: 1\n"))
+    assert str(e.value).endswith("e.yaml") and "did you mean" not in str(e.value)
+
+
+def test_unknown_key_in_override(exp):
+    with pytest.raises(YoloCompressError, match=r"unknown key 'train.lrr' in override 'train.lrr=0.1' "
+                       r"for .*exp.yaml \(did you mean 'train.lr'\?\)"):
+        load_config(exp, ["train.lrr=0.1"])
+    with pytest.raises(YoloCompressError, match=r"unknown key 'train.lr.x'"):
+        load_config(exp, ["train.lr.x=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr", "is not of the form key=value"),
+    ("=3", "is not of the form key=value"),
+    ("train=3", "'train' is a section"),
+    ("source=/x.yaml", "'source' is set by load_config"),
+])
+def test_malformed_overrides(exp, override, message):
+    with pytest.raises(YoloCompressError, match=message):
+        load_config(exp, [override])
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  epochs: 0\n", "train.epochs: must be >= 1, got 0"),
+    ("train:\n  batch_size: -2\n", "train.batch_size: must be >= 1, got -2"),
+    ("train:\n  lr: 0\n", "train.lr: must be > 0, got 0.0"),
+    ("augment:\n  mosaic: 1.5\n", "augment.mosaic: must be a probability in [0, 1], got 1.5"),
+    ("augment:\n  hsv_s: 0.5\n", "augment.hsv_s: must be >= 1 (1 = off), got 0.5"),
+    ("train:\n  steps: [0.9, 0.8]\n", "train.steps: must be increasing fractions in (0, 1)"),
+    ("train:\n  steps: [0.5, 1.0]\n", "train.steps: must be increasing fractions in (0, 1)"),
+    ("train:\n  schedule: linear\n", "train.schedule: expected one of 'steps', 'cosine', got 'linear'"),
+    ("train:\n  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("model:\n  img_size: 300\n", "model.img_size: must be a positive multiple of 32, got 300"),
+    ("eval:\n  metric: voc\n", "eval.metric: expected one of 'voc07', 'voc12', 'coco', got 'voc'"),
+    ("eval:\n  nms_iou: 0\n", "eval.nms_iou: must be in (0, 1], got 0.0"),
+    ("train:\n  ema: yes please\n", "train.ema: expected true or false, got 'yes please'"),
+    ("train: 5\n", "train: expected a mapping of train keys, got 5"),
+    ("name: a/b\n", "name: must be letters, digits"),
+])
+def test_validation_errors_name_file_and_key(tmp_path, yaml_text, message):
+    path = write(tmp_path / "bad.yaml", yaml_text)
+    with pytest.raises(YoloCompressError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(e.value)
+    assert e.value.__cause__ is not None  # chained, not swallowed
+
+
+def test_direct_construction_validates():
+    with pytest.raises(YoloCompressError, match="epochs: must be >= 1"):
+        TrainConfig(epochs=0)
+    with pytest.raises(YoloCompressError, match="optimizer: expected one of"):
+        TrainConfig(optimizer="lion")
+    assert TrainConfig(steps=[0.5, 0.6]).steps == (0.5, 0.6)  # lists become tuples: hashable, frozen
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(YoloCompressError, match="experiment file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(YoloCompressError, match=r"invalid YAML: [^\n]*$"):
+        load_config(write(tmp_path / "broken.yaml", "train: [1,\n"))
+    with pytest.raises(YoloCompressError, match="expected a mapping of sections at the top, got"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(YoloCompressError, match="'source' is set by load_config"):
+        load_config(write(tmp_path / "src.yaml", "source: x.yaml\n"))
+
+
+def test_base_inheritance_deep_merges(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "base.yaml",
+          "name: base-name\nmodel:\n  img_size: 320\n  classes: 5\ntrain:\n  lr: 0.02\n  epochs: 9\n")
+    write(tmp_path / "sub" / "mid.yaml", "_base_: ../base.yaml\ntrain:\n  epochs: 11\n")
+    child = write(tmp_path / "sub" / "child.yaml", "_base_: mid.yaml\nmodel:\n  img_size: 512\naugment:\n")
+    c = load_config(child, ["train.lr=0.03"])
+    assert c.model.img_size == 512 and c.model.classes == 5  # merged key by key, not section by section
+    assert c.train.epochs == 11 and c.train.lr == 0.03       # nearest file wins, overrides win last
+    assert c.augment == Config().augment                      # an empty section keeps the defaults
+    assert c.name == "child"                                  # a base's name is not inherited
+    assert c.source == os.path.abspath(child)
+
+
+def test_base_cycle_and_missing_base(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(YoloCompressError, match=r"_base_ cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(YoloCompressError, match="_base_ cycle: self.yaml -> self.yaml"):
+        load_config(write(tmp_path / "self.yaml", "_base_: self.yaml\n"))
+    with pytest.raises(YoloCompressError, match=r"_base_ file .*nope.yaml not found"):
+        load_config(write(tmp_path / "c.yaml", "_base_: nope.yaml\n"))
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  epochz: 3\n")
+    with pytest.raises(YoloCompressError, match=r"unknown key 'train.epochz' in .*base.yaml "
+                       r"\(did you mean 'train.epochs'\?\)"):
+        load_config(write(tmp_path / "child.yaml", "_base_: base.yaml\n"))
+
+
+def test_to_dict_round_trip(exp):
+    c = load_config(exp, ["model.weights=w.conv.137", "train.amp=true"])
+    d = c.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain JSON-able data
+    assert d["train"]["steps"] == [0.5, 0.75] and d["model"]["weights"] == "w.conv.137"
+    assert config_from_dict(d) == c
+    assert config_from_dict(json.loads(json.dumps(d))) == c
+
+
+def test_config_from_dict_validates():
+    d = Config().to_dict()
+    d["train"]["lr"] = -1
+    with pytest.raises(YoloCompressError, match=r"^config dict: train.lr: must be > 0, got -1.0$"):
+        config_from_dict(d)
+    d = Config().to_dict()
+    d["train"]["lrr"] = 1
+    with pytest.raises(YoloCompressError, match="unknown key 'train.lrr' in config dict"):
+        config_from_dict(d)
+    with pytest.raises(YoloCompressError, match="expected a mapping"):
+        config_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_path_rule(tmp_path, monkeypatch):
+    exp_dir, work = tmp_path / "exps", tmp_path / "work"
+    exp_dir.mkdir(), work.mkdir()
+    write(exp_dir / "beside.cfg", "[net]\n")
+    write(exp_dir / "both.cfg", "[net]\n")
+    write(work / "both.cfg", "[net]\n")
+    path = write(exp_dir / "e.yaml", "model:\n  cfg: beside.cfg\n  weights: w/none.weights\n"
+                 "data:\n  descriptor: both.cfg\n")
+    monkeypatch.chdir(work)
+    c = load_config(path)
+    assert c.cfg_path == exp_dir / "beside.cfg"          # exists beside the YAML
+    assert c.data_path == exp_dir / "both.cfg"           # the YAML's folder wins over the cwd
+    assert c.weights_path == work / "w" / "none.weights"  # exists nowhere: relative to the cwd
+    assert c.model.cfg == "beside.cfg" and c.to_dict()["model"]["cfg"] == "beside.cfg"
+    assert Config(model=replace(Config().model, weights=None)).weights_path is None
+    assert c.resolve_path(str(tmp_path / "abs.cfg")) == tmp_path / "abs.cfg"
+    assert Config().resolve_path("x/y.cfg") == work / "x" / "y.cfg"  # no source: the cwd
+    assert c.require_file("model.cfg") == exp_dir / "beside.cfg"
+    with pytest.raises(YoloCompressError, match=r"model.weights file 'w/none.weights' not found "
+                       r"\(looked for .*exps/w/none.weights and .*work/w/none.weights\)"):
+        c.require_file("model.weights")
+    with pytest.raises(YoloCompressError, match="is not a path key"):
+        c.require_file("train.lr")
+
+
+def test_dump_yaml_round_trip(exp, tmp_path, monkeypatch):
+    write(exp.parent / "here.cfg", "[net]\n")
+    c = load_config(exp, ["model.cfg=here.cfg", "train.epochs=3"])
+    out_dir = tmp_path / "runs" / "exp"
+    out_dir.mkdir(parents=True)
+    monkeypatch.chdir(out_dir)  # loading the dump from elsewhere still finds the same files
+    dump_yaml(c, out_dir / "config.yaml")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.yaml"]  # no temp file left
+    back = load_config(out_dir / "config.yaml")
+    assert back.cfg_path == c.cfg_path and back.data_path == c.data_path
+    assert back.name == c.name == "exp"
+    assert replace(back, source=None, model=c.model, data=c.data) == replace(c, source=None)
+    with pytest.raises(YoloCompressError, match="cannot write config"):
+        dump_yaml(c, tmp_path / "no" / "such" / "dir.yaml")
+
+
+@pytest.mark.parametrize("name", ["demo", "voc-yolov4", "wildlife-yolov4"])
+def test_shipped_experiments_validate(name):
+    c = load_config(EXPERIMENTS / f"{name}.yaml")
+    assert c.name == name
+    assert config_from_dict(c.to_dict()) == c
+
+
+def test_shipped_experiment_recipes():
+    demo = load_config(EXPERIMENTS / "demo.yaml")
+    assert Path(demo.cfg_path).name == "yolov4-nano.cfg" and demo.model.img_size == 256
+    assert demo.train.nominal_batch == demo.train.batch_size == 16
+    voc = load_config(EXPERIMENTS / "voc-yolov4.yaml")
+    t = voc.train
+    assert (t.lr, t.momentum, t.weight_decay, t.burn_in) == (0.0013, 0.949, 0.0005, 1000)
+    assert voc.train.nominal_batch == 64 and voc.train.steps == (0.8, 0.9) and voc.train.scales == 0.1
+    # epochs ~= Darknet max_batches * 64 / n_images
+    assert abs(voc.train.epochs - 40000 * 64 / 16551) < 1
+    wild = load_config(EXPERIMENTS / "wildlife-yolov4.yaml")
+    assert wild.data.descriptor.endswith("wildlife.yaml") and wild.model.cfg == voc.model.cfg
+    assert wild.train.lr == voc.train.lr and wild.augment == voc.augment
+    assert abs(wild.train.epochs - max(13 * 2000, 1000, 6000) * 64 / 1000) < 1

@@ -1,0 +1,569 @@
+"""Typed experiment configuration: one table of defaults, one YAML per experiment, dotted overrides.
+
+`load_config(path, overrides)` reads a YAML experiment (optionally `_base_: other.yaml`, deep-merged),
+applies `a.b=c` overrides converted to each default's declared type, and returns a validated,
+frozen `Config`. Unknown keys, bad types and bad values raise `YoloCompressError` with a one-line
+message naming the file and the key.
+
+Path rule (`Config.resolve_path`): a relative path (model.cfg, model.weights, data.descriptor) is
+taken relative to the folder of the experiment file given to `load_config` (`Config.source`, not
+a `_base_` file's folder) if it exists there, else relative to the current directory. `to_dict()`
+keeps the strings the user wrote; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
+`require_file('model.cfg')` also checks that the file is there (commands call it; loading does not).
+
+To add a section (sparse, prune, distill): write one dataclass deriving from `_Section` (one
+comment per default, checks in `_validate`, `metadata=_PATH` on path fields) and add one field
+for it to `Config`.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from yolocompress.errors import YoloCompressError
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "dump_yaml",
+    "load_config",
+]
+
+_PATH = {"path": True}  # field metadata: a file path, resolved by Config.resolve_path
+_NULLS = {"", "~", "null", "Null", "NULL", "none", "None"}  # override spellings of "no value"
+
+
+class _Section:
+    """Base of every config dataclass: coerce each field to its declared type, then `_validate`."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            tp = hints[f.name]
+            if is_dataclass(tp):
+                if not isinstance(value, tp):
+                    raise YoloCompressError(f"{f.name}: expected a {tp.__name__}, got {_show(value)}")
+                continue
+            try:
+                object.__setattr__(self, f.name, _convert(value, tp))
+            except ValueError as e:
+                raise YoloCompressError(f"{f.name}: {e}") from e
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range checks of one section; raise through `_require`."""
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    # the Darknet .cfg file: the architecture (a YAML never redefines the network)
+    cfg: str = field(default="cfg/models/yolov4.cfg", metadata=_PATH)
+    classes: Optional[int] = None         # number of classes; None = number of names in data.descriptor
+    img_size: int = 416                   # network input side in pixels (square, multiple of 32)
+    # start from Darknet .weights (full, or partial as yolov4.conv.137) or a .pt artifact; None = random
+    weights: Optional[str] = field(default=None, metadata=_PATH)
+    letterbox: Optional[bool] = None      # keep aspect ratio, pad; None = as the cfg's [net] letter_box
+
+    def _validate(self) -> None:
+        _require(bool(self.cfg), "cfg", "must name a Darknet .cfg file", self.cfg)
+        _require(self.classes is None or self.classes >= 1, "classes", "must be >= 1", self.classes)
+        _require(self.img_size > 0 and self.img_size % 32 == 0, "img_size",
+                 "must be a positive multiple of 32", self.img_size)
+        _require(self.weights is None or bool(self.weights), "weights", "must be a path or null",
+                 self.weights)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    # the data-set descriptor YAML (root, splits, class names)
+    descriptor: str = field(default="data/voc.yaml", metadata=_PATH)
+    workers: int = 4                      # DataLoader workers per device; 0 = load in the main process
+    cache_images: bool = False            # keep decoded images in RAM after the first epoch
+    strict: bool = True                   # a bad annotation is an error, not a warning that skips it
+
+    def _validate(self) -> None:
+        _require(bool(self.descriptor), "descriptor", "must name a data-set YAML", self.descriptor)
+        _require(self.workers >= 0, "workers", "must be >= 0", self.workers)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    epochs: int = 100                     # passes over the training split
+    batch_size: int = 16                  # images per device per forward pass
+    nominal_batch: int = 64               # images per optimizer step, all devices; accumulate up to it
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # sgd (with momentum, as Darknet) | adam | adamw
+    lr: float = 0.0013                    # lr of one step over nominal_batch images (Darknet yolov4)
+    momentum: float = 0.949               # SGD momentum, or Adam beta1
+    weight_decay: float = 0.0005          # L2 decay on conv weights only (not BN, not biases)
+    burn_in: int = 1000                   # warm-up steps: lr * (step / burn_in) ** burn_in_power
+    burn_in_power: float = 4.0            # exponent of the warm-up curve (Darknet power=4)
+    schedule: Literal["steps", "cosine"] = "steps"  # after burn-in: decay at `steps`, or cosine
+    steps: tuple[float, ...] = (0.8, 0.9)  # fractions of all optimizer steps where lr *= scales
+    scales: float = 0.1                   # lr factor at each step; cosine: final lr = lr * scales
+    ema: bool = True                      # keep an EMA of the weights; evaluate and save it
+    ema_decay: float = 0.9999             # EMA decay per optimizer step
+    amp: Optional[bool] = None            # mixed precision; None = on when the device is CUDA
+    grad_clip: Optional[float] = None     # clip the total gradient L2 norm to this; None = no clipping
+    seed: int = 0                         # seed of the Python, NumPy and torch RNGs
+    eval_interval: int = 10               # evaluate every N epochs and after the last; 0 = last only
+    multi_scale: bool = True              # random input size per batch (Darknet random=1)
+    multi_scale_range: float = 0.4        # sizes from img_size * (1 +- range), multiples of 32
+    multi_scale_interval: int = 10        # draw a new size every this many optimizer steps
+    out_dir: str = "runs"                 # artifacts in <out_dir>/<name>/<stage>/, relative to the cwd
+    log_interval: int = 20                # log losses and lr every this many optimizer steps
+    device: str = "auto"                  # auto (CUDA if available) | cpu | cuda | cuda:N | mps
+
+    def _validate(self) -> None:
+        for name in ("epochs", "batch_size", "nominal_batch", "multi_scale_interval", "log_interval"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("burn_in", "seed", "eval_interval"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.burn_in_power > 0, "burn_in_power", "must be > 0", self.burn_in_power)
+        _require(all(0 < s < 1 for s in self.steps)
+                 and all(a < b for a, b in zip(self.steps, self.steps[1:])),
+                 "steps", "must be increasing fractions in (0, 1)", list(self.steps))
+        _require(0 < self.scales <= 1, "scales", "must be in (0, 1]", self.scales)
+        _require(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)", self.ema_decay)
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null",
+                 self.grad_clip)
+        _require(0 <= self.multi_scale_range < 1, "multi_scale_range", "must be in [0, 1)",
+                 self.multi_scale_range)
+        _require(bool(self.out_dir), "out_dir", "must be a folder name", self.out_dir)
+        _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                 "must be auto, cpu, cuda, cuda:N or mps", self.device)
+
+
+@dataclass(frozen=True)
+class AugmentConfig(_Section):
+    mosaic: float = 0.5                   # probability of a 4-image mosaic (cut point in [0.2, 0.8])
+    hsv_h: float = 0.1                    # hue shift in [-h, h] of the hue circle (Darknet hue)
+    hsv_s: float = 1.5                    # saturation times a factor in [1/s, s] (Darknet saturation)
+    hsv_v: float = 1.5                    # value times a factor in [1/v, v] (Darknet exposure)
+    flip: float = 0.5                     # probability of a horizontal flip
+    jitter: float = 0.3                   # crop/pad each side by up to this fraction (Darknet jitter)
+    translate: float = 0.0                # random affine shift, fraction of the side (not Darknet's)
+    scale: float = 0.0                    # random affine zoom in [1 - scale, 1 + scale] (not Darknet's)
+    degrees: float = 0.0                  # random rotation in [-degrees, degrees]
+
+    def _validate(self) -> None:
+        for name in ("mosaic", "flip"):
+            _require(0 <= getattr(self, name) <= 1, name, "must be a probability in [0, 1]",
+                     getattr(self, name))
+        for name in ("jitter", "translate", "scale"):
+            _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        for name in ("hsv_s", "hsv_v"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1 (1 = off)", getattr(self, name))
+        _require(0 <= self.hsv_h <= 0.5, "hsv_h", "must be in [0, 0.5]", self.hsv_h)
+        _require(0 <= self.degrees <= 180, "degrees", "must be in [0, 180]", self.degrees)
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    # headline metric: VOC 11-point AP50 | VOC all-point AP50 | COCO AP (pycocotools)
+    metric: Literal["voc07", "voc12", "coco"] = "voc07"
+    conf_thresh: float = 0.005            # drop detections below this score before NMS
+    nms_iou: float = 0.45                 # IoU above which NMS suppresses a same-class box
+    max_det: int = 300                    # detections kept per image after NMS
+    batch_size: int = 16                  # images per device per evaluation forward pass
+
+    def _validate(self) -> None:
+        _require(0 <= self.conf_thresh < 1, "conf_thresh", "must be in [0, 1)", self.conf_thresh)
+        _require(0 < self.nms_iou <= 1, "nms_iou", "must be in (0, 1]", self.nms_iou)
+        _require(self.max_det >= 1, "max_det", "must be >= 1", self.max_det)
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    # experiment name (runs/<name>/); load_config: the file's stem (a _base_'s name is not inherited)
+    name: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: Optional[str] = None          # absolute path of the experiment file, set by load_config
+
+    def _validate(self) -> None:
+        _require(self.name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
+                 "name", "must be letters, digits, '.', '_' or '-' (it names a folder)", self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The experiment as plain JSON-able data (lists, not tuples); `config_from_dict` inverts it."""
+        return _plain(self)
+
+    def resolve_path(self, value: str | os.PathLike[str]) -> Path:
+        """Absolute path of `value` by the path rule: beside `source` if it exists there, else cwd."""
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p
+        if self.source is not None:
+            beside = Path(self.source).parent / p
+            if beside.exists():
+                return Path(os.path.abspath(beside))
+        return Path(os.path.abspath(p))
+
+    def require_file(self, key: str) -> Path:
+        """Resolved path of the path key `key` (e.g. 'model.cfg'); an error if no file is there."""
+        section, _, leaf = key.partition(".")
+        if (section, leaf) not in _path_keys():
+            raise YoloCompressError(f"'{key}' is not a path key; path keys: "
+                                    + ", ".join(".".join(k) for k in _path_keys()))
+        value = getattr(getattr(self, section), leaf)
+        if value is None:
+            raise YoloCompressError(f"{self.source or 'config'}: {key} is not set")
+        path = self.resolve_path(value)
+        if not path.is_file():
+            places = [str(path)]
+            if self.source is not None and not Path(value).expanduser().is_absolute():
+                places.insert(0, str(Path(os.path.abspath(Path(self.source).parent / value))))
+            raise YoloCompressError(f"{self.source or 'config'}: {key} file {value!r} not found "
+                                    f"(looked for {' and '.join(places)})")
+        return path
+
+    @property
+    def cfg_path(self) -> Path:
+        return self.resolve_path(self.model.cfg)
+
+    @property
+    def weights_path(self) -> Path | None:
+        return None if self.model.weights is None else self.resolve_path(self.model.weights)
+
+    @property
+    def data_path(self) -> Path:
+        return self.resolve_path(self.data.descriptor)
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """Read an experiment YAML (with `_base_` inheritance), apply `a.b=c` overrides, validate."""
+    path = Path(path)
+    where = str(path)
+    merged = _read_tree(path, ())
+    for text in overrides:
+        _apply_override(merged, text, where)
+    if merged.get("name") is None:
+        merged["name"] = path.stem
+    merged["source"] = os.path.abspath(path)
+    try:
+        return _build(Config, merged)
+    except YoloCompressError as e:
+        raise YoloCompressError(f"{where}: {e}") from e
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Rebuild and validate a `Config` from `Config.to_dict()` output (e.g. stored in an artifact)."""
+    if not isinstance(d, Mapping):
+        raise YoloCompressError(f"config: expected a mapping, got {_show(d)}")
+    _check_keys(d, Config, "config dict")
+    try:
+        return _build(Config, d)
+    except YoloCompressError as e:
+        raise YoloCompressError(f"config dict: {e}") from e
+
+
+def dump_yaml(config: Config, path: str | os.PathLike[str]) -> None:
+    """Write `config` as a stand-alone experiment YAML, atomically (temp file + rename).
+
+    Path values are written absolute (as resolved now), so the file loads from any folder;
+    `source` is left out (load_config sets it).
+    """
+    d = config.to_dict()
+    del d["source"]
+    for section, key in _path_keys():
+        if d[section][key] is not None:
+            d[section][key] = str(config.resolve_path(d[section][key]))
+    text = f"# resolved experiment {config.name!r}" + (
+        f", from {config.source}" if config.source else "") + "\n"
+    text += yaml.safe_dump(d, sort_keys=False, default_flow_style=False)
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise YoloCompressError(f"{path}: cannot write config: {e.strerror or e}") from e
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The file's mapping deep-merged over its `_base_` chain; keys checked against the file."""
+    real = path.resolve()
+    if real in chain:
+        cycle = " -> ".join(p.name for p in (*chain, real))
+        raise YoloCompressError(f"{path}: _base_ cycle: {cycle}")
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    _check_keys(data, Config, str(path))
+    if "source" in data:
+        raise YoloCompressError(f"{path}: 'source' is set by load_config from the file path; remove it")
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise YoloCompressError(f"{path}: _base_ must be a YAML file name, got {_show(base)}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise YoloCompressError(f"{path}: _base_ file {base_path} not found")
+    parent = _read_tree(base_path, (*chain, real))
+    parent.pop("name", None)  # each experiment is named after its own file unless it says otherwise
+    return _deep_merge(parent, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise YoloCompressError(f"{path}: experiment file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise YoloCompressError(f"{path}: cannot read: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise YoloCompressError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise YoloCompressError(f"{path}: expected a mapping of sections at the top, got {_show(data)}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(out.get(key), dict) and (isinstance(value, Mapping) or value is None):
+            out[key] = _deep_merge(out[key], value or {})  # an empty `train:` keeps the base's train
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(merged: dict[str, Any], text: str, where: str) -> None:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise YoloCompressError(f"{where}: override {text!r} is not of the form key=value")
+    tp = _leaf_type(key, f"override {text!r} for {where}")
+    try:
+        value = _convert(_parse_text(raw.strip(), tp), tp)
+    except ValueError as e:
+        raise YoloCompressError(f"{where}: override {key}={raw.strip()}: {e}") from e
+    *sections, leaf = key.split(".")
+    node = merged
+    for s in sections:
+        if not isinstance(node.get(s), dict):
+            node[s] = {}
+        node = node[s]
+    node[leaf] = value
+
+
+def _leaf_type(key: str, where: str) -> Any:
+    """Declared type of a dotted key that names a value (not a section); unknown keys are errors."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise YoloCompressError(_unknown(".".join(parts[: i + 1]), where))
+        cls = hints[part]
+        if i < len(parts) - 1 and not is_dataclass(cls):
+            raise YoloCompressError(_unknown(key, where))
+    if is_dataclass(cls):
+        raise YoloCompressError(f"{where}: '{key}' is a section; set its keys, e.g. {key}.<key>=value")
+    if key == "source":
+        raise YoloCompressError(f"{where}: 'source' is set by load_config from the file path")
+    return cls
+
+
+def _parse_text(raw: str, tp: Any) -> Any:
+    """Override text -> value; a string field keeps the text verbatim (`name=2024` stays a string)."""
+    inner, optional = _strip_optional(tp)
+    if optional and raw in _NULLS:
+        return None
+    if inner is str or typing.get_origin(inner) is Literal:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"not a valid value ({' '.join(str(e).split())})") from e
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+def _build(cls: Any, data: Mapping[str, Any]) -> Any:
+    """Construct `cls` from a mapping whose keys were checked; nested sections are mappings (or null)."""
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise YoloCompressError(f"{key}: expected a mapping of {key} keys, got {_show(value)}")
+            try:
+                value = _build(tp, value)
+            except YoloCompressError as e:
+                raise YoloCompressError(f"{key}.{e}") from e
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_keys(data: Mapping[str, Any], cls: Any, where: str, prefix: str = "") -> None:
+    hints = _hints(cls)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise YoloCompressError(_unknown(path, where))
+        if is_dataclass(hints[key]) and isinstance(value, Mapping):
+            _check_keys(value, hints[key], where, f"{path}.")
+
+
+def _unknown(path: str, where: str) -> str:
+    """'unknown key ...' with the closest valid key: a near spelling in the same section, else the
+    same key in another section (the section itself is valid: checking stops at the first bad part)."""
+    valid = _valid_keys()
+    prefix, _, leaf = path.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == prefix}
+    near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
+    close = [siblings[near[0]]] if near else [k for k in valid if k.rpartition(".")[2] == leaf]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{path}' in {where}{hint}"
+
+
+@functools.cache
+def _valid_keys() -> tuple[str, ...]:
+    """Every dotted key of the table, sections included (e.g. 'train', 'train.lr')."""
+    out: list[str] = []
+
+    def walk(cls: Any, prefix: str) -> None:
+        for name, tp in _hints(cls).items():
+            out.append(prefix + name)
+            if is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+
+    walk(Config, "")
+    return tuple(k for k in out if k != "source")
+
+
+@functools.cache
+def _path_keys() -> tuple[tuple[str, str], ...]:
+    """(section, key) of every field marked as a path (metadata=_PATH)."""
+    return tuple((name, f.name) for name, tp in _hints(Config).items() if is_dataclass(tp)
+                 for f in fields(tp) if f.metadata.get("path"))
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    inner, optional = _strip_optional(tp)
+    if optional:
+        return f"{_describe(inner)} or null"
+    if typing.get_origin(inner) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(inner))
+    if typing.get_origin(inner) is tuple:
+        return "a list of numbers, e.g. [0.8, 0.9]"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[inner]
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` as the declared type `tp`, or ValueError('expected ..., got ...')."""
+    inner, optional = _strip_optional(tp)
+    if value is None and optional:
+        return None
+    out = _convert_plain(value, inner)
+    if out is _BAD:
+        raise ValueError(f"expected {_describe(tp)}, got {_show(value)}")
+    return out
+
+
+_BAD = object()
+
+
+def _convert_plain(value: Any, tp: Any) -> Any:
+    if typing.get_origin(tp) is Literal:
+        return value if isinstance(value, str) and value in typing.get_args(tp) else _BAD
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _BAD
+        items = [_convert_plain(v, float) for v in value]
+        return _BAD if any(v is _BAD for v in items) else tuple(items)
+    if tp is bool:
+        if isinstance(value, str):
+            return {"true": True, "false": False}.get(value.strip().lower(), _BAD)
+        return value if isinstance(value, bool) else _BAD
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        return _BAD
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return _BAD
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _BAD
+        return float(value) if math.isfinite(value) else _BAD
+    if tp is str:
+        return value if isinstance(value, str) else _BAD
+    raise TypeError(f"config field type {tp!r} is not supported")
+
+
+def _require(ok: bool, name: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise YoloCompressError(f"{name}: {requirement}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
