@@ -110,6 +110,39 @@ def cmd_export(args) -> None:
             print(f"ONNX Runtime vs PyTorch: max abs diff {diff:.2e}")
 
 
+def cmd_predict(args) -> None:
+    from .artifacts import build_model, load_artifact
+    from .inference import predict_images
+
+    art = load_artifact(args.artifact)
+    model = build_model(art, source=args.artifact)
+    size = args.img_size or art["input_size"][0]
+    paths = _expand_images(args.images)
+    dets = predict_images(model, art["classes"], paths, args.out, size,
+                          model.letterbox if args.letterbox is None else args.letterbox,
+                          args.conf_thresh, args.iou_thresh, args.max_det)
+    total = sum(len(d) for d in dets)
+    print(f"{len(paths)} images, {total} detections -> {args.out}/ (detections.json, annotated jpgs)")
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _expand_images(items: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise YoloCompressError(f"{item}: no such image file or folder")
+    if not paths:
+        raise YoloCompressError(f"no images found in {' '.join(items)}")
+    return paths
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yolocompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     s.add_argument("--out", required=True, help="artifact path (.pt)")
     s.set_defaults(func=cmd_import_darknet)
+
+    s = sub.add_parser("predict", help="detect objects in images with an artifact")
+    s.add_argument("artifact")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--out", required=True, help="folder for annotated images and detections.json")
+    s.add_argument("--img-size", type=int, help="input size (default: the artifact's)")
+    s.add_argument("--conf-thresh", type=float, default=0.25)
+    s.add_argument("--iou-thresh", type=float, default=0.45)
+    s.add_argument("--max-det", type=int, default=300)
+    s.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the aspect ratio (default: as the cfg's letter_box says)")
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
     s.add_argument("artifact")

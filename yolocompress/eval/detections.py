@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from yolocompress.errors import YoloCompressError
+from yolocompress.fileio import atomic_open
 
 __all__ = ["Detections", "save_detections_json", "load_detections_json"]
 
@@ -77,17 +77,8 @@ def save_detections_json(path: str | os.PathLike, dets: Iterable[Detections],
             if names is not None:
                 entry["category_name"] = names[c]
             entries.append(entry)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(entries, f)
 
 
 def _is_number(x: object) -> bool:
