@@ -1,0 +1,294 @@
+"""The standard hooks every stage uses: LR schedule, EMA, evaluation, checkpoints, logging.
+
+Only rank 0 writes files (checkpoints, CSV, TensorBoard, plots); evaluation runs on rank 0 while the
+other ranks wait at a barrier.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..artifacts import save_artifact
+from ..errors import YoloCompressError
+from ..fileio import atomic_open
+from .distributed import barrier, is_main
+from .engine import HookBase
+
+__all__ = ["LRSchedule", "EMAHook", "EvalHook", "CheckpointHook", "LoggerHook", "plot_training_curves"]
+
+POLICIES = ("steps", "cosine")
+
+
+class LRSchedule(HookBase):
+    """Darknet learning-rate policy over OPTIMIZER steps k = 1, 2, ... (Darknet's batch number):
+    k < burn_in: lr·(k/burn_in)^power; then `steps`: lr·Π scales_i over the steps with
+    k >= round(steps_i·max_iter); or `cosine`: from lr at k = burn_in to lr·final_ratio at max_iter.
+    `lr` is each param group's lr when training starts (kept in group["initial_lr"])."""
+
+    priority = 10
+
+    def __init__(self, burn_in: int = 1000, power: float = 4.0, policy: str = "steps",
+                 steps: Sequence[float] = (0.8, 0.9), scales: float | Sequence[float] = 0.1,
+                 final_ratio: float = 0.1) -> None:
+        if policy not in POLICIES:
+            raise YoloCompressError(f"unknown lr policy '{policy}' (one of {', '.join(POLICIES)})")
+        scales = [float(scales)] * len(steps) if isinstance(scales, (int, float)) else list(scales)
+        if len(scales) != len(steps):
+            raise YoloCompressError(f"lr schedule has {len(steps)} steps but {len(scales)} scales")
+        if burn_in < 0 or power <= 0 or not all(0 < s < 1 for s in steps) or not 0 <= final_ratio <= 1:
+            raise YoloCompressError(f"lr schedule needs burn_in >= 0, power > 0, steps in (0, 1) and "
+                                    f"final_ratio in [0, 1]; got {burn_in}, {power}, {list(steps)}, "
+                                    f"{final_ratio}")
+        self.burn_in, self.power, self.policy = burn_in, power, policy
+        self.steps, self.scales, self.final_ratio = [float(s) for s in steps], scales, final_ratio
+
+    def factor(self, k: int, max_iter: int) -> float:
+        """lr multiplier at 1-based optimizer step k of max_iter."""
+        if k < self.burn_in:
+            return (k / self.burn_in) ** self.power
+        if self.policy == "steps":
+            f = 1.0
+            for s, scale in zip(self.steps, self.scales):
+                if k >= round(s * max_iter):
+                    f *= scale
+            return f
+        t = min(1.0, max(0.0, (k - self.burn_in) / max(1, max_iter - self.burn_in)))
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def _apply(self) -> None:
+        f = self.factor(self.trainer.iter + 1, self.trainer.max_iter)
+        for g in self.trainer.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+
+    def before_train(self) -> None:
+        for g in self.trainer.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self._apply()
+
+    def before_optimizer_step(self) -> None:
+        self._apply()
+
+
+class EMAHook(HookBase):
+    """Updates `trainer.ema` after every optimizer step the AMP scaler did not skip.
+    The Trainer adds it by itself when given `ema=`."""
+
+    priority = 20
+
+    def before_train(self) -> None:
+        if self.trainer.ema is None:
+            raise YoloCompressError("EMAHook needs Trainer(ema=ModelEMA(model))")
+
+    def after_optimizer_step(self) -> None:
+        if not self.trainer.step_skipped:
+            self.trainer.ema.update(self.trainer.module)
+
+
+class EvalHook(HookBase):
+    """`fn(model) -> {metric: value}` on `trainer.model_for_eval` (eval mode, no grad) after every
+    `every`-th epoch and the last (every=0: last only); results go into `trainer.storage`.
+    With `main_only` (default) rank 0 evaluates and the other ranks wait."""
+
+    priority = 60
+
+    def __init__(self, fn: Callable[[nn.Module], dict[str, Any]], every: int = 1,
+                 main_only: bool = True) -> None:
+        if every < 0:
+            raise YoloCompressError(f"EvalHook every must be >= 0, got {every}")
+        self.fn, self.every, self.main_only = fn, every, main_only
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        done = t.epoch + 1
+        if not (done == t.epochs or (self.every and done % self.every == 0)):
+            return
+        if is_main() or not self.main_only:
+            model = t.model_for_eval
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = self.fn(model)
+            finally:
+                model.train(was_training)
+            if not isinstance(metrics, dict):
+                raise YoloCompressError(f"the evaluation function must return a dict of metrics, "
+                                        f"got {type(metrics).__name__}")
+            t.storage.update(metrics)
+        if self.main_only:
+            barrier()
+
+
+def _finite(model: nn.Module) -> bool:
+    flags = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class CheckpointHook(HookBase):
+    """`last.pt` after every epoch (artifact + `train_state`), `best.pt` whenever
+    `trainer.storage[metric]` improves (or at the end, if the metric never appeared).
+
+    `make_artifact_fn(model, metrics) -> artifact dict` (e.g. via `artifact_from_model`); `model` is
+    `trainer.model_for_eval` (the EMA weights when EMA is on), `metrics` a copy of trainer.storage.
+    Writes are atomic and on rank 0 only. Weights that turned non-finite are never saved: that is
+    an error, and the files of the last good epoch stay."""
+
+    priority = 80
+
+    def __init__(self, out_dir: str | os.PathLike, make_artifact_fn: Callable[[nn.Module, dict], dict],
+                 metric: str = "map50_voc07", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise YoloCompressError(f"CheckpointHook mode must be 'max' or 'min', got '{mode}'")
+        self.out_dir = Path(out_dir)
+        self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
+        self.make_artifact_fn, self.metric, self.mode = make_artifact_fn, metric, mode
+        self.best: float | None = None
+
+    def _artifact(self, train_state: bool) -> dict:
+        t = self.trainer
+        art = self.make_artifact_fn(t.model_for_eval, dict(t.storage))
+        if not isinstance(art, dict):
+            raise YoloCompressError(f"make_artifact_fn must return an artifact dict, got "
+                                    f"{type(art).__name__}")
+        if train_state:
+            art["train_state"] = t.state_dict()
+        return art
+
+    def save_last(self) -> None:
+        """Write last.pt with the trainer's current state (used after epochs and on interrupts)."""
+        if not is_main():
+            return
+        if not _finite(self.trainer.module):
+            raise YoloCompressError(f"weights became non-finite in epoch {self.trainer.epoch + 1}; "
+                                    f"not overwriting {self.last_path}")
+        save_artifact(self._artifact(train_state=True), self.last_path)
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        value = t.storage.get(self.metric)
+        improved = value is not None and math.isfinite(float(value)) and (
+            self.best is None or (float(value) > self.best if self.mode == "max"
+                                  else float(value) < self.best))
+        if improved:
+            self.best = float(value)
+        self.save_last()
+        if is_main() and (improved or (t.epoch + 1 == t.epochs and self.best is None)):
+            save_artifact(self._artifact(train_state=False), self.best_path)
+
+    def on_interrupt(self) -> None:
+        self.save_last()
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class LoggerHook(HookBase):
+    """Per-epoch CSV (`epoch, iter` then every scalar in trainer.storage: `train/<term>` epoch means,
+    lr, images_per_s, data_wait_share, metrics), TensorBoard scalars when
+    `torch.utils.tensorboard` imports, and the training-curve PNG at the end. Runs before
+    CheckpointHook, so the rows saved in last.pt include the epoch just finished."""
+
+    priority = 70
+
+    def __init__(self, out_dir: str | os.PathLike, csv_name: str = "train_log.csv",
+                 plot_name: str = "training_curves.png", tensorboard: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.csv_path, self.plot_path = self.out_dir / csv_name, self.out_dir / plot_name
+        self.tensorboard = tensorboard
+        self.rows: list[dict[str, float]] = []
+        self._writer = None
+
+    def before_train(self) -> None:
+        if self.tensorboard and is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:   # tensorboard is optional
+                return
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def after_epoch(self) -> None:
+        if not is_main():
+            return
+        t = self.trainer
+        row = {"epoch": t.epoch + 1, "iter": t.iter,
+               **{k: v for k, v in t.storage.items() if _is_scalar(v)}}
+        self.rows.append(row)
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        with atomic_open(self.csv_path, "w") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self._writer is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "iter"):
+                    self._writer.add_scalar(k, v, row["epoch"])
+            self._writer.flush()
+
+    def after_train(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if is_main() and self.rows:
+            plot_training_curves(self.csv_path, self.plot_path)
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+
+
+def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Loss terms, learning rate and metrics against epoch from a LoggerHook CSV, as one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise YoloCompressError(f"{csv_path}: cannot read training log ({e.strerror})") from e
+    if not rows or "epoch" not in rows[0]:
+        raise YoloCompressError(f"{csv_path}: not a training log (no rows or no 'epoch' column)")
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+
+    names = list(rows[0])
+    losses = [c for c in names if c.startswith("train/")]
+    metrics = [c for c in names if c not in ("epoch", "iter", "lr", "images_per_s", "data_wait_share")
+               and not c.startswith("train/")]
+    panels = [(title, cols) for title, cols in (("training loss", losses), ("learning rate", ["lr"]),
+                                                ("metrics", metrics)) if cols and cols[0] in names]
+    x = column("epoch")
+    fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (title, cols) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for c in cols:
+            ax.plot(x, column(c), marker="o", markersize=3, label=c)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if len(cols) > 1 or title == "metrics":
+            ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    with atomic_open(png_path, "wb") as f:
+        f.write(buf.getvalue())
+    return Path(png_path)
