@@ -27,7 +27,8 @@ from yolocompress.errors import YoloCompressError
 __all__ = ["KEYS", "SPLITS", "DataDescriptor", "parse_descriptor", "load_descriptor",
            "load_split", "load_split_with_issues"]
 
-KEYS = ("format", "root", "train", "val", "test", "names", "aliases")
+KEYS = ("format", "root", "train", "val", "test", "names", "aliases", "generate")
+GENERATORS = ("demo",)   # `generate: demo` builds the set into root on first use
 SPLITS = ("train", "val", "test")
 _WHERE_TO_GET = ("PASCAL VOC: run `bash scripts/get_voc.sh <folder>` and set root to <folder>/VOCdevkit; "
                  "the wildlife and other sets: see the README section 'Data sets'")
@@ -43,6 +44,7 @@ class DataDescriptor:
     test: tuple | None = None
     aliases: dict[str, str] = field(default_factory=dict)
     source: str = ""                 # the descriptor file, for messages
+    generate: str | None = None      # a built-in generator that writes the set into root if absent
 
     @property
     def name(self) -> str:
@@ -106,11 +108,16 @@ def parse_descriptor(data: Any, base_dir: str, source: str = "") -> DataDescript
     if not any(data.get(s) is not None for s in SPLITS):
         raise YoloCompressError(f"{where}: no split given; set at least one of {', '.join(SPLITS)}")
     names = _names(data["names"], where)
+    generate = data.get("generate")
+    if generate is not None and generate not in GENERATORS:
+        raise YoloCompressError(f"{where}: unknown generator {generate!r}"
+                                f"{_suggest(str(generate), GENERATORS)}")
     root = os.path.expandvars(os.path.expanduser(data["root"]))
     splits = {s: normalize_entries(fmt, data[s], f"{where}: {s}") if data.get(s) is not None else None
               for s in SPLITS}
     return DataDescriptor(format=fmt, root=os.path.abspath(os.path.join(base_dir, root)), names=names,
-                          aliases=_aliases(data.get("aliases"), names, where), source=source, **splits)
+                          aliases=_aliases(data.get("aliases"), names, where), source=source,
+                          generate=generate, **splits)
 
 
 def _darknet_data(path: str) -> DataDescriptor:
@@ -171,6 +178,9 @@ def load_split_with_issues(desc: DataDescriptor, split: str, cache: bool = True,
                            strict: bool = False) -> tuple[list[Record], DataIssues]:
     """`load_split` that also returns the bad-data report."""
     entries = desc.entries(split)
+    if desc.generate == "demo":
+        from .synthetic import generate_demo   # the demo's own names/splits are in demo.yaml
+        generate_demo(desc.root)
     if not os.path.isdir(desc.root):
         raise YoloCompressError(f"{desc.source or desc.name}: data root {desc.root} does not exist; {_WHERE_TO_GET}")
     issues = DataIssues(f"{desc.name} {split}", strict=strict)

@@ -1,0 +1,119 @@
+"""Measure data-loader throughput (images/s) on the demo set at 256 px, for several worker counts.
+
+Prints a markdown table (training augmentation and plain evaluation resize); `--write` puts it, with
+the command line and the machine, in the `## Data loading` section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import yolocompress  # noqa: F401
+except ImportError:        # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from yolocompress.data.dataset import DetectionDataset, build_loader  # noqa: E402
+from yolocompress.data.formats import read_split  # noqa: E402
+from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_YEAR, ensure_demo  # noqa: E402
+from yolocompress.data.transforms import AugmentConfig  # noqa: E402
+
+SECTION = "## Data loading"
+
+
+def throughput(dataset: DetectionDataset, workers: int, batch_size: int, batches: int, repeat: int) -> float:
+    """Best images/s of `repeat` runs over `batches` batches, each after 2 warm-up batches (worker start-up
+    and first allocations excluded)."""
+    best = 0.0
+    for run in range(repeat):
+        loader = build_loader(dataset, batch_size, shuffle=True, workers=workers, seed=run, drop_last=True,
+                              pin_memory=False)
+        it = iter(loader)
+        next(it), next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        best = max(best, batches * batch_size / (time.perf_counter() - start))
+        del it
+    return best
+
+
+def warm_page_cache(records) -> None:
+    """Read every image file once, so no run pays for the first disk read (the set is ~25 MB)."""
+    for r in records:
+        Path(r.image).read_bytes()
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"nproc {nproc}, {model}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"numpy {np.__version__}, OpenCV {cv2.__version__}")
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the `SECTION` of `path` (up to the next `## ` heading) or append it; atomic write."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", help="demo set root (default: generated into the cache by ensure_demo)")
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per run")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per setting; the fastest is reported")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--write", action="store_true", help=f"write the table to docs/BENCHMARKS.md ({SECTION})")
+    args = ap.parse_args(argv)
+
+    root = Path(args.root) if args.root else ensure_demo()
+    records = read_split("voc", str(root), [f"{DEMO_YEAR}/train"], DEMO_CLASSES)
+    warm_page_cache(records)
+    modes = [("train: mosaic 0.5, jitter 0.3, HSV, flip", AugmentConfig()), ("eval: resize only", None)]
+    table = ["| loader | workers | images/s | ms/image |", "|---|---:|---:|---:|"]
+    for name, augment in modes:
+        dataset = DetectionDataset(records, args.img_size, augment=augment)
+        for w in args.workers:
+            ips = throughput(dataset, w, args.batch_size, args.batches, args.repeat)
+            table.append(f"| {name} | {w} | {ips:.0f} | {1000 / ips:.2f} |")
+            print(table[-1], flush=True)
+    print("\n".join(table))
+    if args.write:
+        command = shlex.join(["python", *sys.argv])
+        text = (f"{SECTION}\n\nCommand: `{command}` (demo set v1 train split, {len(records)} images of 256x256, "
+                f"{args.img_size} px input, batch {args.batch_size}; fastest of {args.repeat} runs of "
+                f"{args.batches} batches, each after 2 warm-up batches, files in the page cache; uint8 batches, "
+                f"no pinning).\n\nMachine: {machine()}. The machine is shared with other jobs, so treat the "
+                f"numbers as indicative.\n\n" + "\n".join(table) + "\n")
+        out = ROOT / "docs" / "BENCHMARKS.md"
+        write_section(out, text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
