@@ -13,6 +13,8 @@ from .errors import YoloCompressError
 
 __all__ = ["main"]
 
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
 
 def _load_blocks(source: str, classes: int | None):
     """Blocks and input size from a cfg file or an artifact."""
@@ -143,6 +145,64 @@ def _expand_images(items: list[str]) -> list[Path]:
     return paths
 
 
+def cmd_data_demo(args) -> None:
+    from .data.descriptor import load_descriptor, load_split
+
+    desc = load_descriptor(args.data)
+    counts = {split: len(load_split(desc, split)) for split in ("train", "val")}
+    print(f"demo data set at {desc.root}: {counts['train']} train / {counts['val']} val images, "
+          f"classes {', '.join(desc.names)}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train.run import run_stage
+
+    config = load_config(args.config, args.overrides)
+    run_stage(config, "baseline", force=args.force)
+
+
+def cmd_eval(args) -> None:
+    from .data.descriptor import load_descriptor, load_split
+    from .eval.evaluate import evaluate_detections, evaluate_model
+
+    desc = load_descriptor(args.data)
+    records = load_split(desc, args.split)
+    if args.detections:
+        from .eval.detections import load_detections_json
+        res = evaluate_detections(records, load_detections_json(args.detections, desc.names),
+                                  desc.names, args.metric, args.plots)
+    else:
+        if not args.artifact:
+            raise YoloCompressError("give an ARTIFACT or --detections DETS.json")
+        from .artifacts import build_model, load_artifact
+        art = load_artifact(args.artifact)
+        if list(art["classes"]) != list(desc.names):
+            raise YoloCompressError(f"{args.artifact}: classes {art['classes']} differ from "
+                                    f"{args.data}'s {list(desc.names)}")
+        model = build_model(art, source=args.artifact)
+        size = args.img_size or art["input_size"][0]
+        res = evaluate_model(model, records, desc.names, size, model.letterbox, args.metric,
+                             args.batch_size, args.workers, args.conf_thresh, args.iou_thresh,
+                             plots_dir=args.plots)
+    _print_eval(res)
+    if args.json:
+        from .fileio import atomic_open
+        with atomic_open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+
+
+def _print_eval(res: dict) -> None:
+    per = res["per_class"]
+    width = max(len(n) for n in per)
+    print(f"{'class':<{width}}  AP ({res['metric']})")
+    for name, ap in per.items():
+        print(f"{name:<{width}}  {ap:.4f}")
+    extras = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                       if isinstance(v, float) and k != "map")
+    print(f"mAP ({res['metric']}): {res['map']:.4f}   [{extras}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yolocompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,6 +235,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the aspect ratio (default: as the cfg's letter_box says)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("data", help="data-set utilities")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("demo", help="generate (once) and summarise the built-in demo data set")
+    d.add_argument("--data", default=str(_PACKAGE_ROOT / "data" / "demo.yaml"),
+                   help="demo descriptor (default: data/demo.yaml)")
+    d.set_defaults(func=cmd_data_demo)
+
+    s = sub.add_parser("train", help="train a detector (the baseline) from an experiment YAML")
+    s.add_argument("--config", required=True, help="experiment YAML, e.g. cfg/experiments/demo.yaml")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
+    s.add_argument("artifact", nargs="?")
+    s.add_argument("--data", required=True, help="data descriptor YAML")
+    s.add_argument("--split", default="val")
+    s.add_argument("--metric", choices=["voc07", "voc12", "coco"], default="voc07")
+    s.add_argument("--detections", help="COCO-results JSON (image_id = file stem) made elsewhere")
+    s.add_argument("--img-size", type=int)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--conf-thresh", type=float, default=0.005)
+    s.add_argument("--iou-thresh", type=float, default=0.45)
+    s.add_argument("--plots", help="folder for the PR-curve plot")
+    s.add_argument("--json", help="write {metric, map, per_class, ...} here")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
     s.add_argument("artifact")

@@ -178,8 +178,8 @@ def load_split_with_issues(desc: DataDescriptor, split: str, cache: bool = True,
                            strict: bool = False) -> tuple[list[Record], DataIssues]:
     """`load_split` that also returns the bad-data report."""
     entries = desc.entries(split)
-    if desc.generate == "demo":
-        from .synthetic import generate_demo   # the demo's own names/splits are in demo.yaml
+    if desc.generate == "demo" and not os.path.isdir(desc.root):
+        from .synthetic import generate_demo   # atomic: an existing root is a complete set
         generate_demo(desc.root)
     if not os.path.isdir(desc.root):
         raise YoloCompressError(f"{desc.source or desc.name}: data root {desc.root} does not exist; {_WHERE_TO_GET}")

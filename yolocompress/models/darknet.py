@@ -23,16 +23,11 @@ from .roles import LayerInfo, describe_layers
 __all__ = ["Darknet", "ACTIVATIONS", "heads_from_blocks"]
 
 
-class Mish(nn.Module):
-    def forward(self, x):
-        return x * torch.tanh(F.softplus(x))
-
-
 # Darknet activation name -> module factory; leaky is Darknet's 0.1 slope.
 ACTIVATIONS = {
     "linear": nn.Identity,
     "leaky": lambda: nn.LeakyReLU(0.1),
-    "mish": Mish,
+    "mish": nn.Mish,           # x * tanh(softplus(x)), fused
     "logistic": nn.Sigmoid,
     "relu": nn.ReLU,
     "swish": nn.SiLU,

@@ -1,0 +1,112 @@
+"""`yolocompress train` end to end on a miniature demo set: artifacts, logs, skip/resume, eval, lineage."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from yolocompress.artifacts import load_artifact
+from yolocompress.cli import main
+from yolocompress.config import load_config
+from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+from yolocompress.train.run import MultiScaleHook, run_stage
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A 12/6-image demo set at 64 px, its descriptor, and an experiment on yolov4-nano."""
+    base = tmp_path_factory.mktemp("mini")
+    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
+    (base / "demo.yaml").write_text(yaml.safe_dump({
+        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
+        "names": list(DEMO_CLASSES)}))
+    (base / "exp.yaml").write_text(yaml.safe_dump({
+        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
+        "data": {"descriptor": "demo.yaml", "workers": 0},
+        "train": {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "burn_in": 2,
+                  "eval_interval": 1, "multi_scale": False, "out_dir": str(base / "runs")},
+        "eval": {"batch_size": 6},
+    }))
+    return base
+
+
+def test_train_writes_artifacts_logs_and_skips_when_complete(mini, capsys):
+    assert main(["train", "--config", str(mini / "exp.yaml")]) == 0
+    run = mini / "runs" / "exp" / "baseline"
+    for name in ("best.pt", "last.pt", "metrics.json", "train_log.csv", "training_curves.png"):
+        assert (run / name).is_file(), name
+    best = load_artifact(run / "best.pt")
+    assert best["stage"] == "baseline" and best["classes"] == list(DEMO_CLASSES)
+    assert best["input_size"] == [64, 64] and "map50_voc07" in best["metrics"]
+    assert best["config"]["train"]["epochs"] == 2
+    last = load_artifact(run / "last.pt")
+    assert "train_state" in last
+    rows = (run / "train_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and "map50_voc07" in rows[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stage"] == "baseline"
+    capsys.readouterr()
+    assert main(["train", "--config", str(mini / "exp.yaml")]) == 0
+    assert "is complete, skipping" in capsys.readouterr().out
+
+
+def test_resume_continues_from_last(mini, capsys):
+    cfg = load_config(mini / "exp.yaml", ["name=resume", "train.epochs=1"])
+    run_stage(cfg, "baseline")
+    run = mini / "runs" / "resume" / "baseline"
+    one = load_artifact(run / "last.pt")
+    (run / "metrics.json").unlink()                     # as if killed before the stage finished
+    cfg2 = load_config(mini / "exp.yaml", ["name=resume", "train.epochs=1"])
+    capsys.readouterr()
+    run_stage(cfg2, "baseline")
+    assert "resuming from" in capsys.readouterr().out
+    # nothing left to train: the resumed run ends with the same weights
+    two = load_artifact(run / "last.pt")
+    assert all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in one["state_dict"])
+    other = load_config(mini / "exp.yaml", ["name=resume", "train.epochs=1", "train.lr=0.002"])
+    (run / "metrics.json").unlink()
+    with pytest.raises(Exception, match="different experiment config"):
+        run_stage(other, "baseline")
+
+
+def test_fine_tune_from_artifact_records_lineage(mini):
+    parent = mini / "runs" / "exp" / "baseline" / "best.pt"
+    if not parent.is_file():
+        pytest.skip("needs the artifact of the first test")
+    cfg = load_config(mini / "exp.yaml", ["name=child", "train.epochs=1",
+                                          f"model.weights={parent}"])
+    best = load_artifact(run_stage(cfg, "baseline"))
+    from yolocompress.artifacts import file_sha256
+    assert best["parent"] == file_sha256(parent)
+    assert best["lineage"][-1]["stage"] == "baseline"
+
+
+def test_eval_command_json(mini, tmp_path, capsys):
+    art = mini / "runs" / "exp" / "baseline" / "best.pt"
+    if not art.is_file():
+        pytest.skip("needs the artifact of the first test")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(art), "--data", str(mini / "demo.yaml"), "--json", str(out),
+                 "--workers", "0", "--plots", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())
+    assert res["metric"] == "voc07" and set(res["per_class"]) == set(DEMO_CLASSES)
+    assert 0.0 <= res["map"] <= 1.0 and res["map"] == res["map50_voc07"]
+    assert (tmp_path / "pr_curves.png").is_file()
+    assert "mAP (voc07)" in capsys.readouterr().out
+
+
+def test_multi_scale_hook_resizes_batch_and_boxes():
+    hook = MultiScaleHook(256, 0.4, interval=1, seed=0)
+    assert hook.sizes == list(range(128, 352 + 1, 32))
+
+    class T:
+        batch_idx, accumulate, iter = 0, 1, 0
+        batch = (torch.rand(2, 3, 256, 256), torch.tensor([[0, 1, 10.0, 20.0, 100.0, 120.0]]), [])
+    hook.trainer = T()
+    hook.before_step()
+    images, targets, _ = hook.trainer.batch
+    s = hook.size
+    assert images.shape[-2:] == (s, s) and s % 32 == 0
+    assert torch.allclose(targets[0, 2:], torch.tensor([10.0, 20.0, 100.0, 120.0]) * s / 256)

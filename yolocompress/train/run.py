@@ -1,0 +1,229 @@
+"""Experiment config -> data, model, Trainer and hooks -> artifacts in runs/<name>/<stage>/.
+
+`run_stage` is the one place a training stage is assembled; baseline training calls it as is,
+and the compression stages pass their own hooks, criterion wrapper and starting model.
+Resume: if `<run dir>/last.pt` holds a `train_state` from the same experiment, training continues
+from it; a complete stage (best.pt and metrics.json present) is not run again unless forced.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..artifacts import artifact_from_model, build_model, file_sha256, load_artifact
+from ..config import Config
+from ..data.dataset import DetectionDataset, build_loader
+from ..data.descriptor import DataDescriptor, load_descriptor, load_split
+from ..data.records import Record
+from ..data.transforms import AugmentConfig
+from ..errors import YoloCompressError
+from ..eval.evaluate import METRIC_KEYS, evaluate_model
+from ..fileio import atomic_open
+from ..models.cfg import read_cfg
+from ..models.darknet import Darknet
+from ..models.weights import load_darknet_weights
+from .distributed import SeededRandomSampler, cleanup, init_distributed, wrap_ddp
+from .ema import ModelEMA
+from .engine import HookBase, Trainer
+from .hooks import CheckpointHook, EvalHook, LoggerHook, LRSchedule
+from .loss import YoloLoss
+from .optim import accumulate_steps, build_optimizer
+
+__all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "MultiScaleHook",
+           "detection_criterion"]
+
+
+@dataclass
+class DataSplits:
+    descriptor: DataDescriptor
+    train: list[Record]
+    val: list[Record]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.descriptor.names)
+
+
+def load_data(config: Config) -> DataSplits:
+    """Descriptor + train/val records (the demo set is generated on first use)."""
+    desc = load_descriptor(config.require_file("data.descriptor"))
+    strict = config.data.strict
+    return DataSplits(desc, load_split(desc, "train", strict=strict),
+                      load_split(desc, "val", strict=strict))
+
+
+def initial_model(config: Config, names: Sequence[str]) -> tuple[Darknet, dict | None]:
+    """The model to train: from an artifact (`model.weights: X.pt`), from Darknet weights, or a
+    seeded random initialisation. Returns (model, parent artifact or None)."""
+    classes = config.model.classes or len(names)
+    if classes != len(names):
+        raise YoloCompressError(f"{config.source}: model.classes={classes} but the data set names "
+                                f"{len(names)} classes")
+    weights = config.weights_path
+    if weights is not None and weights.suffix == ".pt":
+        parent = load_artifact(config.require_file("model.weights"))
+        if list(parent["classes"]) != list(names):
+            raise YoloCompressError(f"{weights}: artifact classes {parent['classes']} differ from "
+                                    f"the data set's {list(names)}")
+        parent["sha256"] = file_sha256(weights)
+        parent["path"] = str(weights)
+        return build_model(parent, source=str(weights)), parent
+    torch.manual_seed(config.train.seed)
+    model = Darknet(read_cfg(config.require_file("model.cfg")), classes=classes)
+    model.initialize()
+    if weights is not None:
+        report = load_darknet_weights(model, config.require_file("model.weights"))
+        print(report.summary())
+    return model, None
+
+
+def detection_criterion(loss: YoloLoss) -> Callable[[nn.Module, Sequence[Any]], dict]:
+    """criterion(model, (images, targets, metas)) -> {"box", "obj", "cls", "loss"}."""
+    def criterion(model: nn.Module, batch: Sequence[Any]) -> dict:
+        images, targets = batch[0], batch[1]
+        return loss(model(images), targets, (images.shape[-2], images.shape[-1]))
+    return criterion
+
+
+class MultiScaleHook(HookBase):
+    """Darknet random=1: every `interval` optimizer steps pick a size in img_size*(1 +- range)
+    (multiple of 32) and resize the batch (and its target boxes) to it."""
+
+    priority = 30
+
+    def __init__(self, img_size: int, value_range: float, interval: int, seed: int):
+        lo = max(32, int(img_size * (1 - value_range)) // 32 * 32)
+        hi = max(lo, int(img_size * (1 + value_range)) // 32 * 32)
+        self.sizes = list(range(lo, hi + 1, 32))
+        self.img_size, self.interval, self.seed = img_size, interval, seed
+        self.size = img_size
+
+    def before_step(self) -> None:
+        t = self.trainer
+        if t.batch_idx % t.accumulate == 0 and t.iter % self.interval == 0:
+            rng = np.random.default_rng([self.seed, t.iter])
+            self.size = int(rng.choice(self.sizes))
+        images, targets, *rest = t.batch
+        if images.shape[-1] == self.size:
+            return
+        scale = self.size / images.shape[-1]
+        images = nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear",
+                                           align_corners=False)
+        targets = targets.clone()
+        targets[:, 2:] *= scale
+        t.batch = (images, targets, *rest)
+
+
+def _augment(config: Config, letterbox: bool) -> AugmentConfig:
+    a = config.augment
+    return AugmentConfig(mosaic=a.mosaic, hsv_h=a.hsv_h, hsv_s=a.hsv_s, hsv_v=a.hsv_v, flip=a.flip,
+                         jitter=a.jitter, translate=a.translate, degrees=a.degrees,
+                         letterbox=letterbox)
+
+
+def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
+              parent: dict | None = None, hooks: Sequence[HookBase] = (),
+              criterion_wrapper: Callable | None = None, extra: dict | None = None,
+              force: bool = False, data: DataSplits | None = None) -> Path:
+    """Train one stage; returns the path of its best.pt. See the module docstring for resume."""
+    out_dir = Path(config.train.out_dir) / (config.name or "experiment") / stage
+    best = out_dir / "best.pt"
+    if not force and best.is_file() and (out_dir / "metrics.json").is_file():
+        print(f"{stage}: {best} is complete, skipping (use --force to train again)")
+        return best
+    dist = init_distributed(config.train.device)
+    try:
+        data = data or load_data(config)
+        names = data.names
+        if model is None:
+            model, parent = initial_model(config, names)
+        return _train(config, stage, model, parent, data, dist, out_dir, hooks,
+                      criterion_wrapper, extra or {}, force)
+    finally:
+        cleanup()
+
+
+def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
+           force):
+    tc, names = config.train, data.names
+    img = config.model.img_size
+    letterbox = model.letterbox if config.model.letterbox is None else config.model.letterbox
+    device = dist.device
+    model.to(device)
+    train_set = DetectionDataset(data.train, img, _augment(config, letterbox), letterbox=letterbox,
+                                 cache_images=config.data.cache_images)
+    sampler = SeededRandomSampler(train_set, seed=tc.seed)
+    loader = build_loader(train_set, tc.batch_size, shuffle=False, workers=config.data.workers,
+                          seed=tc.seed, sampler=sampler, drop_last=len(train_set) > tc.batch_size)
+    loss = YoloLoss(model.heads)
+    criterion = detection_criterion(loss)
+    if criterion_wrapper is not None:
+        criterion = criterion_wrapper(criterion)
+    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay)
+    ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
+    lineage = list(parent.get("lineage", [])) + [
+        {"stage": parent["stage"], "sha256": parent["sha256"], "path": parent["path"]}] \
+        if parent else []
+
+    def evaluate(m: nn.Module) -> dict:
+        res = evaluate_model(m, data.val, names, img, letterbox, config.eval.metric,
+                             config.eval.batch_size, config.data.workers, config.eval.conf_thresh,
+                             config.eval.nms_iou, config.eval.max_det, progress=False)
+        return {k: v for k, v in res.items() if isinstance(v, float)}
+
+    def make_artifact(m: nn.Module, metrics: dict) -> dict:
+        keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return artifact_from_model(m, stage, names, input_size=[img, img],
+                                   config=config.to_dict(), metrics=keep,
+                                   parent=parent["sha256"] if parent else None,
+                                   lineage=lineage, **extra)
+
+    metric_key = METRIC_KEYS[config.eval.metric]
+    all_hooks: list[HookBase] = [
+        LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
+                   final_ratio=tc.scales),
+        EvalHook(evaluate, every=tc.eval_interval),
+        LoggerHook(out_dir),
+        CheckpointHook(out_dir, make_artifact, metric=metric_key),
+        *hooks,
+    ]
+    if tc.multi_scale:
+        all_hooks.append(MultiScaleHook(img, tc.multi_scale_range, tc.multi_scale_interval, tc.seed))
+    train_model = wrap_ddp(model, device) if dist.world_size > 1 else model
+    accumulate = accumulate_steps(tc.nominal_batch, tc.batch_size, dist.world_size)
+    amp = (device.type == "cuda") if tc.amp is None else tc.amp
+    trainer = Trainer(train_model, criterion, optimizer, loader, epochs=tc.epochs,
+                      accumulate=accumulate, device=device, amp=amp, grad_clip=tc.grad_clip,
+                      hooks=all_hooks, ema=ema, seed=tc.seed, progress=dist.is_main)
+    if not force:
+        _maybe_resume(trainer, out_dir / "last.pt", config)
+    storage = trainer.train()
+    best = out_dir / "best.pt"
+    if dist.is_main:
+        metrics = {k: v for k, v in storage.items() if isinstance(v, (int, float))}
+        final = load_artifact(best)["metrics"]
+        with atomic_open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
+            json.dump({"stage": stage, "best": final, "last_epoch": metrics}, f, indent=2)
+        print(f"{stage}: best {metric_key} = {final.get(metric_key, float('nan')):.4f} -> {best}")
+    return best
+
+
+def _maybe_resume(trainer: Trainer, last: Path, config: Config) -> None:
+    if not last.is_file():
+        return
+    art = load_artifact(last, check=False)
+    state = art.get("train_state")
+    if not state:
+        return
+    if art.get("config") != config.to_dict():
+        raise YoloCompressError(f"{last}: was written by a different experiment config; move it "
+                                f"away or use --force to start over")
+    trainer.load_state_dict(state)
+    print(f"resuming from {last} (epoch {trainer.epoch + 1})")
