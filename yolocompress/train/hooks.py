@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..artifacts import save_artifact
 from ..errors import YoloCompressError
@@ -228,6 +229,7 @@ class LoggerHook(HookBase):
         row = {"epoch": t.epoch + 1, "iter": t.iter,
                **{k: v for k, v in t.storage.items() if _is_scalar(v)}}
         self.rows.append(row)
+        tqdm.write(_epoch_line(row, t.epochs))
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         with atomic_open(self.csv_path, "w") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -251,6 +253,15 @@ class LoggerHook(HookBase):
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = [dict(r) for r in state["rows"]]
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One summary line per epoch, e.g. for logs where no progress bar is drawn."""
+    terms = " ".join(f"{k[6:]} {v:.3g}" for k, v in row.items() if k.startswith("train/"))
+    metrics = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("map", "coco")))
+    speed = row.get("images_per_s", math.nan)
+    return (f"epoch {row['epoch']}/{epochs}: {terms} | lr {row.get('lr', math.nan):.3g} | "
+            f"{speed:.1f} img/s" + (f" | {metrics}" if metrics else ""))
 
 
 def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
