@@ -6,29 +6,18 @@ the command line and the machine, in the `## Data loading` section of docs/BENCH
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import yolocompress  # noqa: F401
-except ImportError:        # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
 
-from yolocompress.data.dataset import DetectionDataset, build_loader  # noqa: E402
-from yolocompress.data.formats import read_split  # noqa: E402
-from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_YEAR, ensure_demo  # noqa: E402
-from yolocompress.data.transforms import AugmentConfig  # noqa: E402
+from yolocompress.benchmarks import machine, write_section
+from yolocompress.data.dataset import DetectionDataset, build_loader
+from yolocompress.data.formats import read_split
+from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_YEAR, ensure_demo
+from yolocompress.data.transforms import AugmentConfig
 
 SECTION = "## Data loading"
 
@@ -56,28 +45,6 @@ def warm_page_cache(records) -> None:
         Path(r.image).read_bytes()
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"nproc {nproc}, {model}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, OpenCV {cv2.__version__}")
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace the `SECTION` of `path` (up to the next `## ` heading) or append it; atomic write."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         text = (f"{SECTION}\n\nCommand: `{command}` (demo set v1 train split, {len(records)} images of 256x256, "
                 f"{args.img_size} px input, batch {args.batch_size}; fastest of {args.repeat} runs of "
                 f"{args.batches} batches, each after 2 warm-up batches, files in the page cache; uint8 batches, "
-                f"no pinning).\n\nMachine: {machine()}. The machine is shared with other jobs, so treat the "
+                f"no pinning).\n\nMachine: {machine('torch', 'opencv-python-headless')}. The machine is shared with other jobs, so treat the "
                 f"numbers as indicative.\n\n" + "\n".join(table) + "\n")
         out = ROOT / "docs" / "BENCHMARKS.md"
-        write_section(out, text)
+        write_section(out, SECTION, text)
         print(f"wrote {out}")
 
 

@@ -6,28 +6,21 @@ Prints a markdown table; `--write` puts it, with the command line and the machin
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import yolocompress  # noqa: F401
-except ImportError:        # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
 
-from yolocompress.data.records import Record  # noqa: E402
-from yolocompress.eval.coco import COCOEvaluator  # noqa: E402
-from yolocompress.eval.detections import Detections  # noqa: E402
-from yolocompress.eval.evaluator import DatasetEvaluator  # noqa: E402
-from yolocompress.eval.voc import VOCEvaluator  # noqa: E402
+from yolocompress.benchmarks import machine, write_section
+from yolocompress.data.records import Record
+from yolocompress.eval.coco import COCOEvaluator
+from yolocompress.eval.detections import Detections
+from yolocompress.eval.evaluator import DatasetEvaluator
+from yolocompress.eval.voc import VOCEvaluator
 
 SECTION = "## Evaluation speed"
 
@@ -65,29 +58,6 @@ def time_evaluator(ev: DatasetEvaluator, records, dets, batch: int) -> tuple[flo
     return t1 - t0, time.perf_counter() - t1, metrics
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    from importlib.metadata import version
-    return (f"nproc {nproc}, {model}; Python {platform.python_version()}, numpy {np.__version__}, "
-            f"pycocotools {version('pycocotools')}")
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace the `## Evaluation speed` section of `path` (up to the next `## ` heading) or append it."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         command = shlex.join(["python", *sys.argv])
         text = (f"{SECTION}\n\nCommand: `{command}` (synthetic VOC-like data, seed {args.seed}; VOC: fastest of "
-                f"{args.repeat} runs; target: VOC total < 2 s).\n\nMachine: {machine()}.\n\n" + "\n".join(table) + "\n")
+                f"{args.repeat} runs; target: VOC total < 2 s).\n\nMachine: {machine('pycocotools')}.\n\n" + "\n".join(table) + "\n")
         out = ROOT / "docs" / "BENCHMARKS.md"
-        write_section(out, text)
+        write_section(out, SECTION, text)
         print(f"wrote {out}")
 
 

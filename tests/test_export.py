@@ -36,7 +36,7 @@ def test_darknet_export_reimports_identically(tmp_path):
 
 @pytest.mark.parametrize("name,size", [("tiny", (64, 64)), ("yolov4-nano", (128, 160))])
 def test_onnx_matches_pytorch(tmp_path, name, size):
-    onnxruntime = pytest.importorskip("onnxruntime")  # noqa: F841
+    pytest.importorskip("onnxruntime")
     path = TINY_CFG if name == "tiny" else cfg_path(name)
     art = _trained_like(path, size=size)
     out = export_onnx(art, tmp_path / "m.onnx")

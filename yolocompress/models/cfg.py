@@ -63,11 +63,19 @@ class Block:
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.options.get(key, default)
 
-    def get_int(self, key: str, default: int | None = None) -> int:
+    def _required(self, key: str) -> YoloCompressError:
+        return YoloCompressError(f"{self.where()}: [{self.type}] is missing '{key}'")
+
+    def _lookup(self, key: str, default) -> str | None:
+        """The raw text of `key`; None when absent and a default exists; an error otherwise."""
         raw = self.options.get(key)
+        if raw is None and default is None:
+            raise self._required(key)
+        return raw
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        raw = self._lookup(key, default)
         if raw is None:
-            if default is None:
-                raise YoloCompressError(f"{self.where()}: [{self.type}] is missing '{key}'")
             return default
         try:
             return int(raw)
@@ -82,10 +90,8 @@ class Block:
             return int(value)
 
     def get_float(self, key: str, default: float | None = None) -> float:
-        raw = self.options.get(key)
+        raw = self._lookup(key, default)
         if raw is None:
-            if default is None:
-                raise YoloCompressError(f"{self.where()}: [{self.type}] is missing '{key}'")
             return default
         try:
             return float(raw)
@@ -99,10 +105,8 @@ class Block:
         return [float(v) for v in self._list(key, default, float, "numbers")]
 
     def _list(self, key, default, conv, what):
-        raw = self.options.get(key)
+        raw = self._lookup(key, default)
         if raw is None:
-            if default is None:
-                raise YoloCompressError(f"{self.where()}: [{self.type}] is missing '{key}'")
             return list(default)
         try:
             return [conv(v) for v in raw.split(",") if v.strip()]
@@ -167,7 +171,7 @@ def validate_blocks(blocks: list[Block]) -> None:
     for b in blocks:
         for key in LAYER_KINDS.get(b.type, ()):
             if key not in b.options:
-                raise YoloCompressError(f"{b.where()}: [{b.type}] is missing '{key}'")
+                raise b._required(key)
         for key in _INT_KEYS.get(b.type, ()):
             if key in b.options:
                 b.get_int(key)

@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmarks in bench/: the machine description and docs/BENCHMARKS.md sections."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+from .fileio import atomic_open
+
+__all__ = ["machine", "write_section"]
+
+
+def machine(*packages: str) -> str:
+    """e.g. "nproc 2, AMD EPYC ...; Python 3.11.7, numpy 2.4.6" plus the versions of `packages`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [f"Python {platform.python_version()}"]
+    for name in ("numpy", *packages):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"nproc {nproc}, {model}; " + ", ".join(parts)
+
+
+def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
+    """Replace the section starting with `heading` (up to the next `## `) in `path`, or append it."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = (pattern.sub(lambda _: text, old, count=1) if pattern.search(old)
+           else old.rstrip("\n") + "\n\n" + text)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(new)
