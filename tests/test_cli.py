@@ -70,3 +70,29 @@ def test_bad_inputs_are_one_line_errors_without_traceback(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_predict_writes_images_and_coco_results(tmp_path, capsys):
+    import cv2
+    import numpy as np
+    art = tmp_path / "a.pt"
+    assert main(["import-darknet", str(TINY_CFG), "--classes", "2", "--out", str(art)]) == 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"wide": (60, 120), "tall": (90, 40)}.items():
+        cv2.imwrite(str(images / f"{name}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    out = tmp_path / "pred"
+    for letterbox in ("--letterbox", "--no-letterbox"):
+        assert main(["predict", str(art), str(images), "--out", str(out), "--conf-thresh", "0.0001",
+                     letterbox]) == 0
+        dets = json.loads((out / "detections.json").read_text())
+        assert {d["image_id"] for d in dets} == {"wide", "tall"}
+        for d in dets:
+            x, y, w, h = d["bbox"]
+            size = (120, 60) if d["image_id"] == "wide" else (40, 90)
+            assert 0 <= x and 0 <= y and x + w <= size[0] + 1e-3 and y + h <= size[1] + 1e-3
+            assert d["category_id"] in (0, 1) and 0 < d["score"] <= 1
+        assert cv2.imread(str(out / "wide.jpg")).shape == (60, 120, 3)
+    assert main(["predict", str(art), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "no such image" in capsys.readouterr().err

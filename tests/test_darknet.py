@@ -10,7 +10,7 @@ from yolocompress.models.cfg import parse_cfg, read_cfg
 from yolocompress.models.darknet import ACTIVATIONS, Darknet
 from yolocompress.models.roles import describe_layers
 
-from conftest import TINY_CFG, cfg_path
+from conftest import PUBLISHED_CFGS, TINY_CFG, cfg_path
 
 
 def test_leaky_is_darknet_0_1_and_mish_formula():
@@ -158,3 +158,13 @@ def test_published_roles(name, stage_outs):
     detect = [i for i in infos if i.role == "detect"]
     assert len(detect) == sum(i.kind == "yolo" for i in infos)
     assert all(infos[d.index + 1].kind == "yolo" for d in detect)
+
+
+@pytest.mark.parametrize("path", PUBLISHED_CFGS, ids=lambda p: p.stem)
+def test_every_published_cfg_builds_and_runs(path):
+    m = Darknet(read_cfg(path), classes=20).eval()
+    with torch.no_grad():
+        outs = m(torch.zeros(1, 3, 128, 160))
+    assert len(outs) == len(m.heads)
+    for out, head in zip(outs, m.heads):
+        assert out.shape == (1, head.num_anchors * 25, 128 // head.stride, 160 // head.stride)
