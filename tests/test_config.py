@@ -42,7 +42,7 @@ def test_defaults():
     assert (t.optimizer, t.schedule, t.amp, t.device) == ("sgd", "steps", None, "auto")
     a = c.augment
     assert (a.mosaic, a.hsv_h, a.hsv_s, a.hsv_v, a.flip, a.jitter) == (0.5, 0.1, 1.5, 1.5, 0.5, 0.3)
-    assert (a.translate, a.scale, a.degrees) == (0.0, 0.0, 0.0)
+    assert (a.translate, a.degrees) == (0.0, 0.0)
     e = c.eval
     assert (e.metric, e.conf_thresh, e.nms_iou, e.max_det) == ("voc07", 0.005, 0.45, 300)
 

@@ -163,14 +163,13 @@ class AugmentConfig(_Section):
     flip: float = 0.5                     # probability of a horizontal flip
     jitter: float = 0.3                   # crop/pad each side by up to this fraction (Darknet jitter)
     translate: float = 0.0                # random affine shift, fraction of the side (not Darknet's)
-    scale: float = 0.0                    # random affine zoom in [1 - scale, 1 + scale] (not Darknet's)
     degrees: float = 0.0                  # random rotation in [-degrees, degrees]
 
     def _validate(self) -> None:
         for name in ("mosaic", "flip"):
             _require(0 <= getattr(self, name) <= 1, name, "must be a probability in [0, 1]",
                      getattr(self, name))
-        for name in ("jitter", "translate", "scale"):
+        for name in ("jitter", "translate"):
             _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
         for name in ("hsv_s", "hsv_v"):
             _require(getattr(self, name) >= 1, name, "must be >= 1 (1 = off)", getattr(self, name))
