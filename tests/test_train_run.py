@@ -110,3 +110,26 @@ def test_multi_scale_hook_resizes_batch_and_boxes():
     s = hook.size
     assert images.shape[-2:] == (s, s) and s % 32 == 0
     assert torch.allclose(targets[0, 2:], torch.tensor([10.0, 20.0, 100.0, 120.0]) * s / 256)
+
+
+def test_train_command_under_torchrun_two_processes(mini, tmp_path):
+    """`torchrun --nproc_per_node=2 -m yolocompress.cli train` (gloo on CPU) writes one valid run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "yolocompress.cli", "train",
+           "--config", str(mini / "exp.yaml"), "name=ddp", "train.epochs=1", "train.device=cpu",
+           f"train.out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp" / "baseline"
+    best = load_artifact(run / "best.pt")
+    assert best["stage"] == "baseline" and (run / "metrics.json").is_file()
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+    assert proc.stdout.count("baseline: best map50_voc07") == 1     # rank 0 alone reports
