@@ -290,8 +290,9 @@ def test_dump_yaml_round_trip(exp, tmp_path, monkeypatch):
     assert back.cfg_path == c.cfg_path and back.data_path == c.data_path
     assert back.name == c.name == "exp"
     assert replace(back, source=None, model=c.model, data=c.data) == replace(c, source=None)
+    (tmp_path / "a-file").write_text("")
     with pytest.raises(YoloCompressError, match="cannot write config"):
-        dump_yaml(c, tmp_path / "no" / "such" / "dir.yaml")
+        dump_yaml(c, tmp_path / "a-file" / "dir.yaml")
 
 
 @pytest.mark.parametrize("name", ["demo", "voc-yolov4", "wildlife-yolov4"])

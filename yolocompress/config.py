@@ -22,7 +22,6 @@ import functools
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from yolocompress.errors import YoloCompressError
+from yolocompress.fileio import atomic_open
 
 __all__ = [
     "AugmentConfig",
@@ -297,16 +297,8 @@ def dump_yaml(config: Config, path: str | os.PathLike[str]) -> None:
     text += yaml.safe_dump(d, sort_keys=False, default_flow_style=False)
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(text)
     except OSError as e:
         raise YoloCompressError(f"{path}: cannot write config: {e.strerror or e}") from e
 
