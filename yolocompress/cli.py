@@ -162,6 +162,14 @@ def cmd_train(args) -> None:
     run_stage(config, "baseline", force=args.force)
 
 
+def cmd_sparse(args) -> None:
+    from .compress.sparse_stage import run_sparse
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_sparse(config, from_artifact=args.from_artifact, force=args.force)
+
+
 def cmd_eval(args) -> None:
     from .data.descriptor import load_descriptor, load_split
     from .eval.evaluate import evaluate_detections, evaluate_model
@@ -248,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
     s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sparse", help="stage 1: sparse training of the prunable BN gammas (L1)")
+    s.add_argument("--config", required=True, help="experiment YAML (its `sparse` section)")
+    s.add_argument("--from", dest="from_artifact", metavar="ARTIFACT",
+                   help="start from this artifact, e.g. runs/<name>/baseline/best.pt "
+                        "(default: model.weights)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparse.s=1e-4")
+    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    s.set_defaults(func=cmd_sparse)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
     s.add_argument("artifact", nargs="?")

@@ -40,6 +40,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "SparseConfig",
     "TrainConfig",
     "config_from_dict",
     "dump_yaml",
@@ -194,6 +195,39 @@ class EvalConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SparseConfig(_Section):
+    # stage 1 sparse-rate schedule: local_decay (the method's dynamic rule) | constant (network
+    # slimming) | step | cosine | linear | target (adapts s to reach target_fraction)
+    schedule: Literal["local_decay", "constant", "step", "cosine", "linear", "target"] = "local_decay"
+    s: float = 1e-3                       # base L1 rate on BN gammas; 1e-4 is safer from COCO weights
+    switch_at: float = 0.4                # local_decay: after this fraction of the epochs, protect ...
+    protect: float = 0.35                 # local_decay: ... this share of largest |gamma| (global rank)
+    decay: float = 0.01                   # local_decay: protected channels get s * decay
+    step_at: float = 0.5                  # step: fraction of training where s becomes s * step_factor
+    step_factor: float = 0.1              # step: the factor
+    warmup: float = 0.1                   # cosine/linear: fraction of training to ramp s up from 0
+    final_ratio: float = 0.1              # cosine/linear: rate at the end = s * final_ratio
+    target_fraction: float = 0.5          # target: share of prunable gammas to bring below ...
+    target_threshold: float = 0.01        # target: ... this |gamma|
+    target_epoch: Optional[int] = None    # target: epoch by which to reach it; None = the last
+    include_excluded: bool = False        # penalise every BN conv, not only the prunable ones
+
+    def _validate(self) -> None:
+        _require(self.s > 0, "s", "must be > 0", self.s)
+        for name in ("switch_at", "warmup"):
+            _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        for name in ("protect", "decay", "final_ratio"):
+            _require(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]", getattr(self, name))
+        for name in ("step_at", "target_fraction"):
+            _require(0 < getattr(self, name) < 1, name, "must be in (0, 1)", getattr(self, name))
+        _require(self.step_factor >= 0, "step_factor", "must be >= 0", self.step_factor)
+        _require(self.target_threshold > 0, "target_threshold", "must be > 0",
+                 self.target_threshold)
+        _require(self.target_epoch is None or self.target_epoch >= 1, "target_epoch",
+                 "must be >= 1 or null", self.target_epoch)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     # experiment name (runs/<name>/); load_config: the file's stem (a _base_'s name is not inherited)
     name: Optional[str] = None
@@ -202,6 +236,7 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config
 
     def _validate(self) -> None:

@@ -36,7 +36,7 @@ from .hooks import CheckpointHook, EvalHook, LoggerHook, LRSchedule
 from .loss import YoloLoss
 from .optim import accumulate_steps, build_optimizer
 
-__all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "MultiScaleHook",
+__all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "stage_dir", "MultiScaleHook",
            "detection_criterion"]
 
 
@@ -128,12 +128,17 @@ def _augment(config: Config, letterbox: bool) -> AugmentConfig:
                          letterbox=letterbox)
 
 
+def stage_dir(config: Config, stage: str) -> Path:
+    """Where a stage writes its artifacts: <train.out_dir>/<experiment name>/<stage>/."""
+    return Path(config.train.out_dir) / (config.name or "experiment") / stage
+
+
 def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
               parent: dict | None = None, hooks: Sequence[HookBase] = (),
               criterion_wrapper: Callable | None = None, extra: dict | None = None,
               force: bool = False, data: DataSplits | None = None) -> Path:
     """Train one stage; returns the path of its best.pt. See the module docstring for resume."""
-    out_dir = Path(config.train.out_dir) / (config.name or "experiment") / stage
+    out_dir = stage_dir(config, stage)
     best = out_dir / "best.pt"
     if not force and best.is_file() and (out_dir / "metrics.json").is_file():
         print(f"{stage}: {best} is complete, skipping (use --force to train again)")

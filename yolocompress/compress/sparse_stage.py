@@ -1,0 +1,57 @@
+"""`yolocompress sparse`: stage 1 as a training stage -- the starting model, the penalised layers
+and the schedule from the config, then `run_stage(config, "sparse", ...)` with a SparsityHook.
+
+The artifact gets stage `sparse`, the starting artifact as parent (lineage), and a `sparsity`
+record {schedule, s, schedule parameters, layers (names), stats (of the epoch it was saved at)}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..config import Config
+from ..errors import YoloCompressError
+from ..models.darknet import ConvLayer, Darknet
+from ..train.run import initial_model, load_data, run_stage, stage_dir
+from .sparsity import SparsityHook, build_schedule
+
+__all__ = ["penalised_layers", "run_sparse"]
+
+HIST_PNG = "gamma_histograms.png"
+
+
+def penalised_layers(model: Darknet, include_excluded: bool = False) -> list[int]:
+    """Indices of the convs whose BN gammas get the L1 penalty: the prunable ones
+    (`graph.prunable_layers`), or with `include_excluded` every conv with batch_normalize."""
+    if include_excluded:
+        return [i for i, m in enumerate(model.layers) if isinstance(m, ConvLayer) and m.bn_enabled]
+    from .graph import prunable_layers
+    return list(prunable_layers(model.blocks))
+
+
+def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
+               force: bool = False) -> Path:
+    """Sparse-train from `from_artifact` (else from `model.weights`: an artifact, Darknet weights,
+    or a seeded random init); returns the path of the stage's best.pt."""
+    if from_artifact is not None:
+        path = Path(from_artifact)
+        if path.suffix != ".pt":
+            raise YoloCompressError(f"{path}: --from takes an artifact (.pt); set model.weights "
+                                    f"for Darknet .weights")
+        if not path.is_file():
+            raise YoloCompressError(f"{path}: no such artifact file")
+        # the same as model.weights=<artifact>, which the saved config then records
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, weights=str(path.resolve())))
+    schedule = build_schedule(config.sparse, config.train.epochs)
+    data = load_data(config)
+    model, parent = initial_model(config, data.names)
+    layers = penalised_layers(model, config.sparse.include_excluded)
+    if not layers:
+        raise YoloCompressError(f"{config.source or 'config'}: {config.model.cfg} has no prunable "
+                                f"conv with batch_normalize to sparse-train")
+    hook = SparsityHook(layers, schedule, plot_path=stage_dir(config, "sparse") / HIST_PNG)
+    # run_stage unpacks `extra` at every save, so each artifact holds the hook's record as of then
+    return run_stage(config, "sparse", model=model, parent=parent, hooks=[hook],
+                     extra={"sparsity": hook.record}, force=force, data=data)
