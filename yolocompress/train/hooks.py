@@ -283,10 +283,11 @@ def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLik
 
     names = list(rows[0])
     losses = [c for c in names if c.startswith("train/")]
-    metrics = [c for c in names if c not in ("epoch", "iter", "lr", "images_per_s", "data_wait_share")
-               and not c.startswith("train/")]
+    metrics = [c for c in names if c.startswith(("map", "coco"))]
+    sparsity = [c for c in names if c.startswith("sparse/") and c.count("/") == 1]
     panels = [(title, cols) for title, cols in (("training loss", losses), ("learning rate", ["lr"]),
-                                                ("metrics", metrics)) if cols and cols[0] in names]
+                                                ("metrics", metrics), ("sparsity", sparsity))
+              if cols and cols[0] in names]
     x = column("epoch")
     fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="constrained")
     FigureCanvasAgg(fig)
