@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import YoloCompressError
-from ..models.cfg import Block, resolve_sources
+from ..models.cfg import Block, input_layers
 from ..models.profile import layer_shapes, route_slice
 from ..models.roles import describe_layers
 
@@ -140,17 +140,10 @@ EXCLUSION_RULES: dict[str, Rule] = {
 }
 
 
-def _input_layers(blocks: list[Block], index: int) -> list[int]:
-    """Layers whose outputs layer `index` reads; INPUT (-1) is the image."""
-    if blocks[index + 1].type in ("route", "shortcut"):
-        return resolve_sources(blocks, index)
-    return [index - 1]
-
-
 def _channel_maps(blocks: list[Block]) -> dict[int, tuple[Origin, ...]]:
     maps = {INPUT: tuple(((INPUT, c),) for c in range(blocks[0].get_int("channels", 3)))}
     for i, b in enumerate(blocks[1:]):
-        srcs = _input_layers(blocks, i)
+        srcs = input_layers(blocks, i)
         if b.type == "convolutional":
             maps[i] = tuple(((i, c),) for c in range(b.get_int("filters")))
         elif b.type == "route":
@@ -242,7 +235,7 @@ def analyze(blocks: list[Block]) -> ChannelGraph:
     readers: dict[int, set[int]] = {i: set() for i, b in enumerate(layers)
                                     if b.type == "convolutional"}
     for i in range(len(layers)):
-        for s in _input_layers(blocks, i):
+        for s in input_layers(blocks, i):
             for c in holders[s]:
                 readers[c].add(i)
     consumers = _consumers(blocks, maps)
@@ -316,7 +309,7 @@ def propagate_keep(blocks: list[Block], keep: Mapping[int, Iterable[int]]) -> Ke
     out = {INPUT: np.ones(blocks[0].get_int("channels", 3), dtype=bool)}
     inputs, filters = {}, {}
     for i, b in enumerate(blocks[1:]):
-        srcs = _input_layers(blocks, i)
+        srcs = input_layers(blocks, i)
         if b.type == "convolutional":
             n = b.get_int("filters")
             out[i] = masks.get(i, np.ones(n, dtype=bool))

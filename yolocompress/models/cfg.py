@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import YoloCompressError
 
 __all__ = ["Block", "parse_cfg", "read_cfg", "write_cfg", "set_classes", "LAYER_KINDS",
-           "resolve_sources"]
+           "resolve_sources", "input_layers"]
 
 # Section -> keys that must be present; the value checks below cover numeric keys.
 LAYER_KINDS: dict[str, tuple[str, ...]] = {
@@ -209,6 +209,14 @@ def resolve_sources(blocks: list[Block], index: int) -> list[int]:
     if b.type == "shortcut":
         out = [index - 1] + out
     return out
+
+
+def input_layers(blocks: list[Block], index: int) -> list[int]:
+    """Layers whose outputs layer `index` reads (routes/shortcuts: their sources; else the previous
+    layer); -1 is the input image."""
+    if blocks[index + 1].type in ("route", "shortcut"):
+        return resolve_sources(blocks, index)
+    return [index - 1]
 
 
 def write_cfg(blocks: list[Block]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .cfg import Block, resolve_sources
+from .cfg import Block, input_layers, resolve_sources
 from .profile import layer_shapes
 
 __all__ = ["LayerInfo", "describe_layers", "layer_consumers"]
@@ -47,13 +47,9 @@ def layer_consumers(blocks: list[Block]) -> list[list[int]]:
     """For each layer, the layers that read its output (next layer or route/shortcut sources)."""
     n = len(blocks) - 1
     users: list[list[int]] = [[] for _ in range(n)]
-    for i, b in enumerate(blocks[1:]):
-        if b.type in ("route", "shortcut"):
-            srcs = resolve_sources(blocks, i)
-        else:
-            srcs = [i - 1] if i else []
-        for s in srcs:
-            if i not in users[s]:
+    for i in range(n):
+        for s in input_layers(blocks, i):
+            if s >= 0 and i not in users[s]:
                 users[s].append(i)
     return users
 
