@@ -1,0 +1,87 @@
+"""`yolocompress distill`: stage 3 as a training stage -- the pruned student and its teacher from
+artifacts, the distilled layers from `config.distill`, then `run_stage(config, "distilled", ...)`
+with a `DistillCriterion` around the detection loss and a `DistillLogHook`.
+
+The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
+`prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
+sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, ref_size}.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..artifacts import build_model, file_sha256, load_artifact
+from ..config import Config
+from ..errors import YoloCompressError
+from ..train.run import load_data, run_stage
+from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
+
+__all__ = ["run_distill", "default_teacher"]
+
+
+def _load(path: str | os.PathLike, role: str) -> dict:
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise YoloCompressError(f"{path}: the {role} must be an artifact (.pt)")
+    art = load_artifact(path)
+    art["sha256"], art["path"] = file_sha256(path), str(path.resolve())
+    return art
+
+
+def default_teacher(student: dict) -> Path:
+    """The artifact the student was pruned from (its parent: the stage-1 model), found through
+    the student's lineage; it must still be the same file (sha256)."""
+    parent = (student.get("lineage") or [None])[-1]
+    where = student.get("path", "student")
+    if not parent or not parent.get("path"):
+        raise YoloCompressError(f"{where}: records no parent artifact to use as the teacher; "
+                                f"give the teacher artifact explicitly")
+    path = Path(parent["path"])
+    if not path.is_file():
+        raise YoloCompressError(f"{where}: its parent {path} (the default teacher) is gone; give "
+                                f"the teacher artifact explicitly")
+    if parent.get("sha256") and file_sha256(path) != parent["sha256"]:
+        raise YoloCompressError(f"{path}: changed since the student was pruned from it (sha256 "
+                                f"differs); give the teacher artifact explicitly")
+    return path
+
+
+def run_distill(config: Config, student_artifact: str | os.PathLike,
+                teacher_artifact: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Distill `teacher_artifact` (default: the student's parent) into the pruned
+    `student_artifact`; returns the path of the stage's best.pt."""
+    dc = config.distill
+    student_art = _load(student_artifact, "student")
+    teacher_art = _load(teacher_artifact or default_teacher(student_art), "teacher")
+    data = load_data(config)
+    for role, art in (("student", student_art), ("teacher", teacher_art)):
+        if list(art["classes"]) != data.names:
+            raise YoloCompressError(f"{art['path']}: {role} classes {art['classes']} differ from "
+                                    f"the data set's {data.names}")
+    student = build_model(student_art, source=student_art["path"])
+    teacher = build_model(teacher_art, source=teacher_art["path"])
+    layers = resolve_layers(student.blocks, dc.layers, dc.betas,
+                            (dc.beta_backbone, dc.beta_neck, dc.beta_deep))
+    names = [n for n, _ in layers]
+    infos = match_layers(teacher, student, names)
+    record = {
+        "teacher": {"stage": teacher_art["stage"], "path": teacher_art["path"],
+                    "sha256": teacher_art["sha256"]},
+        "layers": [{"name": n, "beta": b, "stride": i.stride, "part": i.part}
+                   for (n, b), i in zip(layers, infos)],
+        "p": dc.p, "fg_mask": dc.fg_mask, "output_kd": dc.output_kd,
+        "kd_temperature": dc.kd_temperature, "ref_size": REF_SIZE,
+    }
+    extra = {"distill": record}
+    if student_art.get("prune") is not None:
+        extra["prune"] = student_art["prune"]
+
+    def wrap(criterion):
+        return DistillCriterion(criterion, teacher, names, [b for _, b in layers], p=dc.p,
+                                fg_mask=dc.fg_mask, output_kd=dc.output_kd,
+                                kd_temperature=dc.kd_temperature)
+
+    return run_stage(config, "distilled", model=student, parent=student_art,
+                     hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra, force=force,
+                     data=data)
