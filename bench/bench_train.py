@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
             data = load_data(config)
             data.train = data.train[:args.images]
             data.val = data.val[:1]
-            run_stage(config, "bench", data=data)
-            with open(Path(tmp) / (config.name or "experiment") / "bench" / "train_log.csv") as f:
+            run_stage(config, "baseline", data=data)
+            with open(Path(tmp) / (config.name or "experiment") / "baseline" / "train_log.csv") as f:
                 row = list(csv.DictReader(f))[-1]
         rows.append((workers, float(row["images_per_s"]), float(row["data_wait_share"])))
 
