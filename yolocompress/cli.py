@@ -170,6 +170,26 @@ def cmd_sparse(args) -> None:
     run_sparse(config, from_artifact=args.from_artifact, force=args.force)
 
 
+def cmd_prune(args) -> None:
+    from .compress.prune_stage import run_prune
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_prune(config, from_artifact=args.from_artifact, out=args.out,
+              latency_iters=args.latency_iters, latency_batches=args.latency_batches,
+              latency_threads=args.latency_threads or None)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,8, got {text!r}")
+    return sizes
+
+
 def cmd_eval(args) -> None:
     from .data.descriptor import load_descriptor, load_split
     from .eval.evaluate import evaluate_detections, evaluate_model
@@ -265,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparse.s=1e-4")
     s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_sparse)
+
+    s = sub.add_parser("prune", help="stage 2: group channel pruning of a sparse-trained artifact")
+    s.add_argument("--config", required=True, help="experiment YAML (its `prune` section)")
+    s.add_argument("--from", dest="from_artifact", metavar="ARTIFACT",
+                   help="the artifact to prune (default: runs/<name>/sparse/best.pt)")
+    s.add_argument("--out", help="pruned artifact (default: runs/<name>/pruned/best.pt); "
+                                 "metrics.json, report.md and plots go beside it")
+    s.add_argument("--latency-iters", type=int, default=20,
+                   help="timed CPU forward passes per batch size, before and after (0: skip)")
+    s.add_argument("--latency-batches", type=_batch_sizes, default=[1, 8], metavar="B[,B...]",
+                   help="batch sizes of the latency measurement (default: 1,8)")
+    s.add_argument("--latency-threads", type=int, default=1,
+                   help="torch threads while timing (default 1, the most repeatable; 0: torch's "
+                        "default)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prune.budget_target=flops")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
     s.add_argument("artifact", nargs="?")

@@ -40,6 +40,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "PruneConfig",
     "SparseConfig",
     "TrainConfig",
     "config_from_dict",
@@ -228,6 +229,35 @@ class SparseConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PruneConfig(_Section):
+    # stage 2: the share of each group's channels (lowest importance) below its threshold, one
+    # value per group (yolov4: G1-G5) or one value for every group; defaults are the method's
+    # hand-set YOLOv4 values
+    percents: tuple[float, ...] = (0.18, 0.50, 0.97, 0.865, 0.68)
+    min_keep: float = 0.1                 # every pruned layer keeps at least this share of channels ...
+    min_channels: int = 8                 # ... and at least this many (at most all it has)
+    round_to: int = 1                     # round kept channels up to a multiple of this (8 suits SIMD)
+    merge: Literal["majority", "union"] = "majority"  # shortcut-tied masks: kept by >= half | any
+    # channel ranking: |BN gamma| (network slimming) | L1 of filters | random (seeded by train.seed)
+    importance: Literal["bn_gamma_abs", "l1_filter", "random"] = "bn_gamma_abs"
+    compensate: bool = True               # fold pruned channels' constant act(beta) into the next layer
+    # budget mode: search percents (from `percents` as the base) removing budget_ratio of this
+    # metric; null = use `percents` as given
+    budget_target: Optional[Literal["params", "flops"]] = None
+    budget_ratio: float = 0.5             # budget mode: fraction of params / FLOPs to remove
+    # budget mode: greedy (raise the group losing least importance per cost) | scale (t * percents)
+    budget_method: Literal["greedy", "scale"] = "greedy"
+
+    def _validate(self) -> None:
+        _require(len(self.percents) >= 1 and all(0 <= p <= 1 for p in self.percents), "percents",
+                 "must be a non-empty list of fractions in [0, 1]", list(self.percents))
+        _require(0 < self.min_keep <= 1, "min_keep", "must be in (0, 1]", self.min_keep)
+        for name in ("min_channels", "round_to"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _require(0 < self.budget_ratio < 1, "budget_ratio", "must be in (0, 1)", self.budget_ratio)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     # experiment name (runs/<name>/); load_config: the file's stem (a _base_'s name is not inherited)
     name: Optional[str] = None
@@ -237,6 +267,7 @@ class Config(_Section):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config
 
     def _validate(self) -> None:

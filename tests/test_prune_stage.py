@@ -1,0 +1,244 @@
+"""`yolocompress prune` end to end on a miniature demo set: the pruned artifact (stage, lineage,
+a plan record that replays to it), its report, its exports, budget mode, settings, errors; and
+the report helpers against hand-computed rows."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+
+from yolocompress.artifacts import (artifact_from_model, file_sha256, load_artifact,
+                                    save_artifact)
+from yolocompress.cli import main
+from yolocompress.compress.prune import replay
+from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+from yolocompress.errors import YoloCompressError
+from yolocompress.models.cfg import parse_cfg, read_cfg, write_cfg
+from yolocompress.models.darknet import Darknet
+from yolocompress.models.profile import profile_summary
+from yolocompress.report import (plot_channels_kept, plot_gamma_thresholds,
+                                 prune_report_markdown, prune_summary_rows)
+
+from conftest import ROOT
+
+GROUPS = ["G1", "G2", "G3", "G4", "G5"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A 12/6-image demo set at 64 px, an experiment on yolov4-nano (test_train_run's fixture),
+    and "sparse"/"baseline"/"distilled" artifacts of one nano whose BN gammas are half ~1e-3
+    (as after sparse training), with non-zero betas and statistics."""
+    base = tmp_path_factory.mktemp("mini")
+    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
+    (base / "demo.yaml").write_text(yaml.safe_dump({
+        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
+        "names": list(DEMO_CLASSES)}))
+    (base / "exp.yaml").write_text(yaml.safe_dump({
+        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
+        "data": {"descriptor": "demo.yaml", "workers": 0},
+        "train": {"out_dir": str(base / "runs"), "device": "cpu"},
+        "eval": {"batch_size": 6},
+    }))
+    torch.manual_seed(0)
+    model = Darknet(read_cfg(ROOT / "cfg/models/yolov4-nano.cfg"), classes=len(DEMO_CLASSES))
+    model.initialize()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                n = mod.weight.numel()
+                gamma = torch.rand(n, generator=g) + 0.5
+                gamma[torch.rand(n, generator=g) < 0.5] *= 1e-3
+                mod.weight.copy_(gamma)
+                mod.bias.uniform_(-0.2, 0.2, generator=g)
+                mod.running_mean.uniform_(-0.3, 0.3, generator=g)
+                mod.running_var.uniform_(0.5, 1.5, generator=g)
+    for stage in ("sparse", "baseline", "distilled"):
+        save_artifact(artifact_from_model(model, stage, list(DEMO_CLASSES), input_size=[64, 64]),
+                      base / f"{stage}.pt")
+    return base
+
+
+def _prune(mini, *args):
+    return main(["prune", "--config", str(mini / "exp.yaml"), *args])
+
+
+def _replays(src: dict, art: dict, compensate: bool) -> bool:
+    blocks, state = replay(parse_cfg(src["cfg"]), src["state_dict"], art["prune"], compensate)
+    return write_cfg(blocks) == art["cfg"] and state.keys() == art["state_dict"].keys() and all(
+        torch.equal(v, art["state_dict"][k]) for k, v in state.items())
+
+
+def test_prune_command_end_to_end(mini, tmp_path, capsys):
+    sparse = mini / "sparse.pt"
+    assert _prune(mini, "--from", str(sparse), "--latency-iters", "2",
+                  "--latency-batches", "1,2") == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"pruned \d+ of 72 prunable convs in [\d.]+ s \(masks [\d.]+ s, "
+                     r"rebuild [\d.]+ s\)", printed)
+    assert "warning" not in printed and "CPU latency b2" in printed
+    run = mini / "runs" / "exp" / "pruned"
+    art, src = load_artifact(run / "best.pt"), load_artifact(sparse)
+    assert art["stage"] == "pruned" and art["parent"] == file_sha256(sparse)
+    assert art["lineage"] == [{"stage": "sparse", "sha256": file_sha256(sparse),
+                               "path": str(sparse.resolve())}]
+    rec = art["prune"]
+    assert rec["percents"] == dict(zip(GROUPS, (0.18, 0.50, 0.97, 0.865, 0.68)))
+    assert list(rec["groups"]) == GROUPS and set(rec["thresholds"]) == set(GROUPS)
+    assert rec["settings"]["compensate"] is True and rec["budget"] is None
+    assert _replays(src, art, compensate=True)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    before, after = (profile_summary(parse_cfg(a["cfg"]), 64, 64) for a in (src, art))
+    assert metrics["before"]["params"] == before["params"] > after["params"] \
+        == metrics["after"]["params"] == art["metrics"]["params"]
+    assert metrics["before"]["flops"] == before["flops"] > after["flops"] \
+        == metrics["after"]["flops"]
+    assert set(metrics["compensation"]) == {"on", "off"}
+    assert metrics["after"]["map50_voc07"] == metrics["compensation"]["on"]["map50_voc07"]
+    assert [(lat["batch"], lat["after"]["threads"]) for lat in metrics["latency"]] == \
+        [(1, 1), (2, 1)]
+    assert all(lat[w]["ms_median"] > 0 for lat in metrics["latency"] for w in ("before", "after"))
+    # per-group channel counts add up to the record's kept channels
+    kept = {g["name"]: g["channels_after"] for g in metrics["groups"]}
+    assert kept == {g: sum(len(rec["layers"][n]) for n in names)
+                    for g, names in rec["groups"].items()}
+    report = (run / "report.md").read_text()
+    assert all(f"| {g}: " in report for g in GROUPS) and f"{after['params']:,}" in report
+    for png in ("channels_kept.png", "gamma_thresholds.png"):
+        assert (run / png).read_bytes()[:8] == PNG and f"({png})" in report
+
+    # the pruned artifact exports to Darknet and comes back identical, and to ONNX
+    stem = tmp_path / "pruned"
+    assert main(["export", str(run / "best.pt"), "--format", "darknet", "--out", str(stem)]) == 0
+    assert main(["import-darknet", str(stem.with_suffix(".cfg")), str(stem.with_suffix(".weights")),
+                 "--classes", "6", "--out", str(tmp_path / "back.pt")]) == 0
+    back = load_artifact(tmp_path / "back.pt")
+    assert [b.options.get("filters") for b in parse_cfg(back["cfg"])] == \
+        [b.options.get("filters") for b in parse_cfg(art["cfg"])]
+    assert all(torch.equal(art["state_dict"][k], v) for k, v in back["state_dict"].items()
+               if v.is_floating_point())
+    capsys.readouterr()
+    assert main(["export", str(run / "best.pt"), "--format", "onnx", "--out",
+                 str(tmp_path / "pruned.onnx"), "--check"]) == 0
+    diff = re.search(r"max abs diff (\S+)", capsys.readouterr().out)
+    assert diff and float(diff[1]) < 1e-3
+
+
+@pytest.mark.parametrize("metric,method", [("params", "greedy"), ("flops", "scale")])
+def test_budget_mode_lands_within_one_percent(mini, tmp_path, capsys, metric, method):
+    out = tmp_path / "budget.pt"
+    assert _prune(mini, "--from", str(mini / "baseline.pt"), "--out", str(out),
+                  "--latency-iters", "0", f"prune.budget_target={metric}",
+                  "prune.budget_ratio=0.3", f"prune.budget_method={method}") == 0
+    assert "warning: " in capsys.readouterr().out          # a baseline, not a sparse artifact
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    reached = 1 - metrics["after"][metric] / metrics["before"][metric]
+    assert 0.3 <= reached <= 0.31
+    art = load_artifact(out)
+    assert art["prune"]["budget"]["reduction"] == pytest.approx(reached)
+    assert art["prune"]["budget"]["method"] == method and metrics["latency"] == []
+    assert _replays(load_artifact(mini / "baseline.pt"), art, compensate=True)
+
+
+def test_one_percent_for_all_groups_l1_importance_no_compensation(mini, tmp_path):
+    out = tmp_path / "p.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
+                  "0", "prune.percents=[0.5]", "prune.compensate=false",
+                  "prune.importance=l1_filter", "prune.round_to=8") == 0
+    art = load_artifact(out)
+    rec = art["prune"]
+    assert rec["percents"] == dict.fromkeys(GROUPS, 0.5)
+    assert rec["settings"]["importance"] == "l1_filter" and rec["settings"]["round_to"] == 8
+    assert all(len(k) % 8 == 0 or len(k) == n
+               for (name, k), (_, n) in zip(rec["layers"].items(), rec["filters"].values()))
+    assert _replays(load_artifact(mini / "sparse.pt"), art, compensate=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["after"]["map"] == metrics["compensation"]["off"]["map"]
+    assert "map_compensation_on" in art["metrics"]
+
+
+def test_prune_command_errors(mini, capsys):
+    sparse = str(mini / "sparse.pt")
+    cases = [
+        (["--from", str(mini / "distilled.pt")], "a 'distilled' artifact; prune takes an unpruned"),
+        (["--from", sparse, "prune.percents=[0.1,0.2]"],
+         "prune.percents has 2 values for the 5 groups G1, G2, G3, G4, G5"),
+        (["--from", sparse, "prune.budget_target=params", "prune.budget_ratio=0.99"],
+         "cannot remove 99.0% of the params"),
+        (["--from", sparse, "prune.min_keep=0"], "prune.min_keep: must be in (0, 1]"),
+        (["--from", sparse, "prune.percents=[0.5,1.5]"], "prune.percents: must be a non-empty"),
+        (["--from", sparse, "prune.merge=any"], "prune.merge="),
+        (["--from", sparse, "prune.budget_target=latency"], "prune.budget_target="),
+        (["--from", str(mini / "missing.pt")], "no such artifact file"),
+    ]
+    for args, msg in cases:
+        assert _prune(mini, "--latency-iters", "0", *args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
+
+
+# ---- report helpers ---------------------------------------------------------------------------
+
+def _metrics():
+    stats = {"ms_median": 10.0}
+    return {
+        "artifact": "p.pt", "source": "s.pt", "source_stage": "sparse", "img_size": 64,
+        "metric_key": "map50_voc07", "seconds": {"masks": 0.1, "prune": 0.2}, "budget": None,
+        "settings": {"importance": "bn_gamma_abs", "merge": "majority", "min_keep": 0.1,
+                     "min_channels": 8, "round_to": 1, "compensate": True},
+        "before": {"params": 1000, "flops": 4_000_000_000, "map50_voc07": 0.5},
+        "after": {"params": 400, "flops": 3_000_000_000, "map50_voc07": 0.45},
+        "compensation": {"on": {"map50_voc07": 0.45}, "off": {"map50_voc07": 0.25}},
+        "latency": [{"batch": 8, "before": stats, "after": {"ms_median": 8.0}}],
+        "groups": [{"name": "G1", "title": "stem", "layers": 2, "percent": 0.5,
+                    "threshold": None, "channels_before": 48, "channels_after": 24,
+                    "params_before": 900, "params_after": 300, "flops_before": 3e9,
+                    "flops_after": 2e9}],
+        "layers": [{"name": "conv1", "group": "G1", "filters_before": 32, "filters_after": 16,
+                    "params_before": 600, "params_after": 200, "flops_before": 2e9,
+                    "flops_after": 1e9},
+                   {"name": "conv2", "group": "", "filters_before": 16, "filters_after": 16,
+                    "params_before": 300, "params_after": 100, "flops_before": 1e9,
+                    "flops_after": 1e9}],
+    }
+
+
+def test_summary_rows_and_markdown_by_hand(tmp_path):
+    m = _metrics()
+    assert prune_summary_rows(m) == [
+        ("params", "1,000", "400", "-60.0%"),
+        ("BFLOPs", "4.000", "3.000", "-25.0%"),
+        ("map50_voc07 (compensation on)", "0.5000", "0.4500", "-0.0500"),
+        ("map50_voc07 (compensation off)", "", "0.2500", "-0.2500"),
+        ("CPU latency b8 (ms, median)", "10.00", "8.00", "-20.0% (x1.25)"),
+    ]
+    md = prune_report_markdown(m, {"channels": "c.png"})
+    assert "| G1: stem | 2 | 0.5 | - | 48 -> 24 | 900 -> 300 | 3000.0 -> 2000.0 |" in md
+    assert "| conv2 | - | 16 -> 16 | 300 -> 100 | 1000.00 -> 1000.00 |" in md
+    assert "![channels](c.png)" in md and "Budget mode" not in md
+    m["budget"] = {"metric": "params", "target": 0.6, "reduction": 0.6, "method": "greedy",
+                   "evaluations": 7}
+    assert "remove 60.0% of the params (greedy); reached 60.00% after 7" in \
+        prune_report_markdown(m)
+
+
+def test_plots_write_pngs_and_reject_empty_input(tmp_path):
+    m = _metrics()
+    assert plot_channels_kept(m["layers"], tmp_path / "c.png").read_bytes()[:8] == PNG
+    scores = {"G1": [0.0, 1e-3, 0.5, 1.0], "G2": [], "G3": [2.0, 3.0]}
+    out = plot_gamma_thresholds(scores, {"G1": 0.2, "G2": None, "G3": None}, tmp_path / "g.png",
+                                {"G1": 0.5, "G2": 0.5, "G3": 1.0})
+    assert out.read_bytes()[:8] == PNG
+    with pytest.raises(YoloCompressError, match="no pruned layer to plot"):
+        plot_channels_kept([m["layers"][1]], tmp_path / "x.png")
+    with pytest.raises(YoloCompressError, match="no group has scores"):
+        plot_gamma_thresholds({"G2": []}, {"G2": None}, tmp_path / "x.png")
+    with pytest.raises(YoloCompressError, match="no threshold for group G3"):
+        plot_gamma_thresholds(scores, {"G1": 0.2}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

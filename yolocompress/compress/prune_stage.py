@@ -1,0 +1,218 @@
+"""`yolocompress prune`: stage 2 as a command -- a sparse artifact in, a pruned artifact out.
+
+run_prune: the artifact's model -> group_layers -> percents (the config's `prune` section, or
+find_percents_for_budget) -> plan -> prune (timed on their own) -> the slim Darknet (strict load);
+then mAP on the val split before and after (compensation on and off), CPU latency before/after,
+and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thresholds.png.
+The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
+(kept channels per layer name, groups, percents, thresholds, settings incl. compensate, budget),
+which `prune.replay` re-applies to the source model.
+
+metrics.json: {stage, artifact, source, source_stage, img_size, metric_key, settings, seconds
+{masks, prune}, budget (None or {metric, target, reduction, method, evaluations}), before/after
+{params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency [{batch, before,
+after: eval.speed stats}], groups [{name, title, layers, percent, threshold, channels_*,
+params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups' convs
+and every other conv whose params or FLOPs changed)}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import (artifact_from_model, build_model, file_sha256, load_artifact,
+                         save_artifact)
+from ..config import Config
+from ..data.descriptor import load_descriptor, load_split
+from ..errors import YoloCompressError
+from ..eval.evaluate import METRIC_KEYS, evaluate_model
+from ..eval.speed import measure_latency
+from ..fileio import atomic_open
+from ..models.darknet import Darknet
+from ..models.profile import profile_blocks
+from ..models.roles import describe_layers
+from ..report import (plot_channels_kept, plot_gamma_thresholds, prune_report_markdown,
+                      prune_summary_rows)
+from ..train.distributed import init_distributed
+from ..train.run import stage_dir
+from .groups import Group, group_layers
+from .importance import get_importance
+from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
+
+__all__ = ["SOURCE_STAGES", "run_prune"]
+
+SOURCE_STAGES = ("sparse", "baseline", "imported")    # baseline/imported: with a warning
+PLOTS = {"channels kept per layer": "channels_kept.png",
+         "importance per group with its threshold": "gamma_thresholds.png"}
+_LABELS = {"bn_gamma_abs": "|γ|", "l1_filter": "filter L1", "random": "random score"}
+
+
+def _source(path: Path) -> dict:
+    art = load_artifact(path)
+    if art["stage"] not in SOURCE_STAGES:
+        raise YoloCompressError(f"{path}: a '{art['stage']}' artifact; prune takes an unpruned "
+                                f"one ({', '.join(SOURCE_STAGES)})")
+    if art["stage"] != "sparse":
+        print(f"warning: {path} is a '{art['stage']}' artifact, not 'sparse': its BN gammas were "
+              "not sparse-trained, so thresholds cut channels that still carry signal")
+    return art
+
+
+def _percents(config: Config, groups: Sequence[Group]) -> list[float]:
+    p, names = config.prune.percents, [g.name for g in groups]
+    if len(p) == 1:
+        return [p[0]] * len(groups)
+    if len(p) != len(groups):
+        raise YoloCompressError(f"{config.source or 'config'}: prune.percents has {len(p)} values "
+                                f"for the {len(groups)} groups {', '.join(names)} of "
+                                f"{config.model.cfg}; give one per group or one for all")
+    return list(p)
+
+
+def _costs(blocks, new_blocks, groups, size) -> tuple[dict, dict, list[dict], list[dict]]:
+    """Totals {params, flops} before and after, and per-group and per-layer (the groups' convs
+    and every other conv whose cost changed) filters, params and FLOPs."""
+    before, after = profile_blocks(blocks, size, size), profile_blocks(new_blocks, size, size)
+    names = [info.name for info in describe_layers(blocks)]
+    group_of = {c: g.name for g in groups for c in g.layers}
+    layers = []
+    for i, (b, a) in enumerate(zip(before, after)):
+        changed = b.kind == "convolutional" and (b.params, b.flops) != (a.params, a.flops)
+        if i in group_of or changed:
+            layers.append({"name": names[i], "group": group_of.get(i, ""),
+                           "filters_before": b.out[0], "filters_after": a.out[0],
+                           "params_before": b.params, "params_after": a.params,
+                           "flops_before": b.flops, "flops_after": a.flops})
+    per_group = []
+    for g in groups:
+        row = {"name": g.name, "title": g.title, "layers": len(g.layers)}
+        for when, rows in (("before", before), ("after", after)):
+            row[f"channels_{when}"] = sum(rows[c].out[0] for c in g.layers)
+            row[f"params_{when}"] = sum(rows[c].params for c in g.layers)
+            row[f"flops_{when}"] = sum(rows[c].flops for c in g.layers)
+        per_group.append(row)
+    totals = [{"params": sum(r.params for r in rows), "flops": sum(r.flops for r in rows)}
+              for rows in (before, after)]
+    return totals[0], totals[1], per_group, layers
+
+
+def _choose(config: Config, blocks, state, groups, settings: dict) -> dict:
+    """The plan record: the config's percents, or the budget search's (recorded in "budget")."""
+    pc, size = config.prune, config.model.img_size
+    percents, budget = _percents(config, groups), None
+    if pc.budget_target is not None:
+        res = find_percents_for_budget(blocks, state, groups, percents,
+                                       (pc.budget_target, pc.budget_ratio),
+                                       method=pc.budget_method, size=(size, size), **settings)
+        percents = res.percents
+        budget = {"metric": res.metric, "target": res.target, "reduction": res.reduction,
+                  "method": pc.budget_method, "evaluations": res.evaluations}
+    record = plan(blocks, state, groups, percents, **settings)
+    record["settings"]["compensate"] = pc.compensate
+    record["budget"] = budget
+    return record
+
+
+def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
+              out: str | os.PathLike | None = None, latency_iters: int = 20,
+              latency_batches: Sequence[int] = (1, 8), latency_threads: int | None = 1
+              ) -> Path:
+    """Prune `from_artifact` (default runs/<name>/sparse/best.pt) per `config.prune`; returns
+    the path of the pruned artifact (default runs/<name>/pruned/best.pt; the report goes beside
+    it). latency_iters=0 skips the latency measurement; latency_threads=None times with
+    torch's current thread count (1, the default, is the most repeatable on a shared machine)."""
+    src = Path(from_artifact) if from_artifact else stage_dir(config, "sparse") / "best.pt"
+    out = Path(out) if out else stage_dir(config, "pruned") / "best.pt"
+    art = _source(src)
+    desc = load_descriptor(config.require_file("data.descriptor"))
+    names = list(desc.names)
+    if list(art["classes"]) != names:
+        raise YoloCompressError(f"{src}: artifact classes {art['classes']} differ from the data "
+                                f"set's {names}")
+    val = load_split(desc, "val", strict=config.data.strict)
+    model = build_model(art, source=str(src))
+    blocks, state, pc, size = model.blocks, model.state_dict(), config.prune, config.model.img_size
+    settings = dict(min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
+                    merge=pc.merge, importance=get_importance(pc.importance, config.train.seed))
+
+    t0 = time.perf_counter()
+    groups = group_layers(blocks)
+    record = _choose(config, blocks, state, groups, settings)
+    keep = keep_from_record(blocks, record)
+    t1 = time.perf_counter()
+    new_blocks, new_state = prune(blocks, state, keep, compensate=pc.compensate)
+    pruned = Darknet(new_blocks)
+    pruned.load_state_dict(new_state, strict=True)
+    t2 = time.perf_counter()
+    slimmed = sum(len(k) < blocks[c + 1].get_int("filters") for c, k in keep.items())
+    print(f"pruned {slimmed} of {len(keep)} prunable convs in {t2 - t0:.2f} s (masks "
+          f"{t1 - t0:.2f} s, rebuild {t2 - t1:.2f} s)")
+    other = Darknet(new_blocks)       # the other compensation setting, for the report only
+    other.load_state_dict(prune(blocks, state, keep, compensate=not pc.compensate)[1])
+
+    latency = [{"batch": b, **{when: measure_latency(m, size, b, warmup=max(1, latency_iters // 5),
+                                                     iters=latency_iters, threads=latency_threads)
+                               for when, m in (("before", model), ("after", pruned))}}
+               for b in (latency_batches if latency_iters > 0 else ())]
+    device = init_distributed(config.train.device).device
+    letterbox = model.letterbox if config.model.letterbox is None else config.model.letterbox
+    ev = config.eval
+
+    def evaluate(m: Darknet) -> dict:
+        res = evaluate_model(m.to(device), val, names, size, letterbox, ev.metric, ev.batch_size,
+                             config.data.workers, ev.conf_thresh, ev.nms_iou, ev.max_det,
+                             progress=False)
+        m.cpu()
+        return {k: v for k, v in res.items() if isinstance(v, float)}
+
+    on, off = ("on", "off") if pc.compensate else ("off", "on")
+    compensation = {on: evaluate(pruned), off: evaluate(other)}
+    cost_before, cost_after, group_rows, layer_rows = _costs(blocks, new_blocks, groups, size)
+    for row in group_rows:
+        row.update(percent=record["percents"][row["name"]],
+                   threshold=record["thresholds"][row["name"]])
+    metrics = {
+        "stage": "pruned", "artifact": str(out), "source": str(src),
+        "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[ev.metric],
+        "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1},
+        "budget": record["budget"], "before": {**cost_before, **evaluate(model)},
+        "after": {**cost_after, **compensation[on]}, "compensation": compensation,
+        "latency": latency, "groups": group_rows, "layers": layer_rows,
+    }
+
+    sha = file_sha256(src)
+    lineage = list(art.get("lineage", [])) + [
+        {"stage": art["stage"], "sha256": sha, "path": str(src.resolve())}]
+    flat = {**metrics["after"], f"map_compensation_{off}": compensation[off]["map"]}
+    save_artifact(artifact_from_model(pruned, "pruned", names, input_size=[size, size],
+                                      config=config.to_dict(), metrics=flat, parent=sha,
+                                      lineage=lineage, prune=record), out)
+    _write_report(out.parent, metrics, group_scores(state, groups, settings["importance"]),
+                  record, _LABELS[pc.importance])
+    _print_summary(metrics, out)
+    return out
+
+
+def _write_report(folder: Path, metrics: dict, scores: dict, record: dict, label: str) -> None:
+    with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    files = list(PLOTS.values())
+    plot_channels_kept(metrics["layers"], folder / files[0])
+    flat = {g: np.concatenate(list(s.values())) if s else np.empty(0) for g, s in scores.items()}
+    plot_gamma_thresholds(flat, record["thresholds"], folder / files[1], record["percents"], label)
+    with atomic_open(folder / "report.md", "w", encoding="utf-8") as f:
+        f.write(prune_report_markdown(metrics, PLOTS))
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    rows = [("", "before", "after", "change"), *prune_summary_rows(metrics)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i])
+                        for i, v in enumerate(r)))
+    print(f"pruned: {out} (report: {out.parent / 'report.md'})")
