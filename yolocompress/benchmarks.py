@@ -37,7 +37,8 @@ def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
     path = Path(path)
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = text.rstrip("\n") + "\n\n"          # a blank line before the next heading
     new = (pattern.sub(lambda _: text, old, count=1) if pattern.search(old)
            else old.rstrip("\n") + "\n\n" + text)
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+        f.write(new.rstrip("\n") + "\n")
