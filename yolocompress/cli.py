@@ -190,6 +190,14 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def cmd_distill(args) -> None:
+    from .compress.distill_stage import run_distill
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_distill(config, args.student, args.teacher, force=args.force)
+
+
 def cmd_eval(args) -> None:
     from .data.descriptor import load_descriptor, load_split
     from .eval.evaluate import evaluate_detections, evaluate_model
@@ -301,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prune.budget_target=flops")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("distill", help="stage 3: spatial-attention distillation into a pruned model")
+    s.add_argument("--config", required=True, help="experiment YAML (its `distill` section)")
+    s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
+    s.add_argument("--teacher", help="teacher artifact (default: the student's parent, the sparse model)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.fg_mask=true")
+    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
     s.add_argument("artifact", nargs="?")

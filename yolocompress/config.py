@@ -38,6 +38,7 @@ __all__ = [
     "AugmentConfig",
     "Config",
     "DataConfig",
+    "DistillConfig",
     "EvalConfig",
     "ModelConfig",
     "PruneConfig",
@@ -258,6 +259,32 @@ class PruneConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DistillConfig(_Section):
+    # layers whose spatial attention the student learns ("conv54", ...); empty = the method's
+    # layers by role: backbone stage outputs s2-s16, the layer feeding each upsample, head convs
+    layers: tuple[str, ...] = ()
+    betas: tuple[float, ...] = ()         # one weight per entry of layers; empty = the rule below
+    beta_backbone: float = 1e6            # rule: weight of backbone layers
+    beta_neck: float = 1e4                # rule: weight of neck and head layers below stride 32
+    beta_deep: float = 1e3                # rule: weight of neck and head layers at stride 32
+    p: float = 2.0                        # attention map = mean over channels of |F|^p
+    fg_mask: bool = False                 # compare attention inside ground-truth boxes only
+    output_kd: float = 0.0                # weight of the objectness/class logit term "kd"; 0 = off
+    kd_temperature: float = 1.0           # temperature of that term (T^2-scaled binary KL)
+
+    def _validate(self) -> None:
+        _require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a name",
+                 list(self.layers))
+        _require(not self.betas or len(self.betas) == len(self.layers), "betas",
+                 f"must be empty or one per layer ({len(self.layers)})", list(self.betas))
+        _require(all(b >= 0 for b in self.betas), "betas", "must be >= 0", list(self.betas))
+        for name in ("beta_backbone", "beta_neck", "beta_deep", "output_kd"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _require(self.p > 0, "p", "must be > 0", self.p)
+        _require(self.kd_temperature > 0, "kd_temperature", "must be > 0", self.kd_temperature)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     # experiment name (runs/<name>/); load_config: the file's stem (a _base_'s name is not inherited)
     name: Optional[str] = None
@@ -268,6 +295,7 @@ class Config(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config
 
     def _validate(self) -> None:
@@ -559,6 +587,8 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(inner) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(inner))
     if typing.get_origin(inner) is tuple:
+        if (typing.get_args(inner) or (float,))[0] is str:
+            return "a list of strings, e.g. [conv54, conv85]"
         return "a list of numbers, e.g. [0.8, 0.9]"
     return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[inner]
 
@@ -583,7 +613,8 @@ def _convert_plain(value: Any, tp: Any) -> Any:
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, (list, tuple)):
             return _BAD
-        items = [_convert_plain(v, float) for v in value]
+        elem = (typing.get_args(tp) or (float,))[0]
+        items = [_convert_plain(v, elem) for v in value]
         return _BAD if any(v is _BAD for v in items) else tuple(items)
     if tp is bool:
         if isinstance(value, str):
