@@ -25,3 +25,27 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+MINI_TRAIN = {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "burn_in": 2,
+              "eval_interval": 1, "multi_scale": False}
+
+
+def make_mini(base: Path, train: dict | None = None) -> Path:
+    """Write a 12/6-image demo set at 64 px (`base/demo`), its descriptor (`base/demo.yaml`) and an
+    experiment on yolov4-nano (`base/exp.yaml`, runs under `base/runs`); returns `base`."""
+    import yaml
+
+    from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+
+    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
+    (base / "demo.yaml").write_text(yaml.safe_dump({
+        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
+        "names": list(DEMO_CLASSES)}))
+    (base / "exp.yaml").write_text(yaml.safe_dump({
+        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
+        "data": {"descriptor": "demo.yaml", "workers": 0},
+        "train": {**(MINI_TRAIN if train is None else train), "out_dir": str(base / "runs")},
+        "eval": {"batch_size": 6},
+    }))
+    return base

@@ -8,13 +8,12 @@ import re
 
 import pytest
 import torch
-import yaml
 
 from yolocompress.artifacts import (artifact_from_model, file_sha256, load_artifact,
                                     save_artifact)
 from yolocompress.cli import main
 from yolocompress.compress.prune import replay
-from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+from yolocompress.data.synthetic import DEMO_CLASSES
 from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import parse_cfg, read_cfg, write_cfg
 from yolocompress.models.darknet import Darknet
@@ -22,7 +21,7 @@ from yolocompress.models.profile import profile_summary
 from yolocompress.report import (plot_channels_kept, plot_gamma_thresholds,
                                  prune_report_markdown, prune_summary_rows)
 
-from conftest import ROOT
+from conftest import ROOT, make_mini
 
 GROUPS = ["G1", "G2", "G3", "G4", "G5"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,17 +32,7 @@ def mini(tmp_path_factory):
     """A 12/6-image demo set at 64 px, an experiment on yolov4-nano (test_train_run's fixture),
     and "sparse"/"baseline"/"distilled" artifacts of one nano whose BN gammas are half ~1e-3
     (as after sparse training), with non-zero betas and statistics."""
-    base = tmp_path_factory.mktemp("mini")
-    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
-    (base / "demo.yaml").write_text(yaml.safe_dump({
-        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
-        "names": list(DEMO_CLASSES)}))
-    (base / "exp.yaml").write_text(yaml.safe_dump({
-        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
-        "data": {"descriptor": "demo.yaml", "workers": 0},
-        "train": {"out_dir": str(base / "runs"), "device": "cpu"},
-        "eval": {"batch_size": 6},
-    }))
+    base = make_mini(tmp_path_factory.mktemp("mini"), train={"device": "cpu"})
     torch.manual_seed(0)
     model = Darknet(read_cfg(ROOT / "cfg/models/yolov4-nano.cfg"), classes=len(DEMO_CLASSES))
     model.initialize()

@@ -11,7 +11,6 @@ import signal
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from yolocompress.artifacts import build_model, file_sha256, load_artifact
@@ -22,13 +21,13 @@ from yolocompress.compress.sparsity import (HIST_EDGES, SCHEDULES, ConstantRate,
                                             TargetRate, _histogram, build_schedule,
                                             plot_gamma_histograms)
 from yolocompress.config import SparseConfig, load_config
-from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+from yolocompress.data.synthetic import DEMO_CLASSES
 from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import read_cfg
 from yolocompress.models.darknet import Darknet
 from yolocompress.train.engine import HookBase, Trainer
 
-from conftest import ROOT
+from conftest import ROOT, make_mini
 from test_engine import TinySet, collate, criterion, tiny_model
 
 S = 1e-3
@@ -333,19 +332,7 @@ def test_every_config_schedule_builds_with_its_parameters():
 def mini(tmp_path_factory):
     """A 12/6-image demo set at 64 px, its descriptor, and an experiment on yolov4-nano
     (the fixture of test_train_run.py)."""
-    base = tmp_path_factory.mktemp("mini")
-    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
-    (base / "demo.yaml").write_text(yaml.safe_dump({
-        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
-        "names": list(DEMO_CLASSES)}))
-    (base / "exp.yaml").write_text(yaml.safe_dump({
-        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
-        "data": {"descriptor": "demo.yaml", "workers": 0},
-        "train": {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "burn_in": 2,
-                  "eval_interval": 1, "multi_scale": False, "out_dir": str(base / "runs")},
-        "eval": {"batch_size": 6},
-    }))
-    return base
+    return make_mini(tmp_path_factory.mktemp("mini"))
 
 
 def test_sparse_command_end_to_end(mini, capsys):

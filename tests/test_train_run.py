@@ -3,33 +3,20 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from yolocompress.artifacts import load_artifact
 from yolocompress.cli import main
 from yolocompress.config import load_config
-from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
+from yolocompress.data.synthetic import DEMO_CLASSES
 from yolocompress.train.run import MultiScaleHook, run_stage
 
-from conftest import ROOT
+from conftest import make_mini
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """A 12/6-image demo set at 64 px, its descriptor, and an experiment on yolov4-nano."""
-    base = tmp_path_factory.mktemp("mini")
-    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
-    (base / "demo.yaml").write_text(yaml.safe_dump({
-        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
-        "names": list(DEMO_CLASSES)}))
-    (base / "exp.yaml").write_text(yaml.safe_dump({
-        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
-        "data": {"descriptor": "demo.yaml", "workers": 0},
-        "train": {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "burn_in": 2,
-                  "eval_interval": 1, "multi_scale": False, "out_dir": str(base / "runs")},
-        "eval": {"batch_size": 6},
-    }))
-    return base
+    return make_mini(tmp_path_factory.mktemp("mini"))
 
 
 def test_train_writes_artifacts_logs_and_skips_when_complete(mini, capsys):
