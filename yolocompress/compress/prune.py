@@ -287,18 +287,19 @@ def _fold_offsets(blocks: list[Block], sd, kept: KeptChannels) -> dict[int, torc
             continue
         if np.isnan(values[drop]).any():       # propagate_keep makes this unreachable
             raise YoloCompressError(f"{b.where()}: conv {r} loses an input that is not constant")
-        w = sd[f"layers.{r}.conv.weight"].detach().cpu().double()
-        shift = w.sum(dim=(2, 3))[:, drop] @ torch.from_numpy(values[drop])
+        w = sd[f"layers.{r}.conv.weight"].detach().cpu()
+        dropped = w.index_select(1, torch.from_numpy(drop)).double()   # only what is folded
+        shift = dropped.sum(dim=(2, 3)) @ torch.from_numpy(values[drop])
         out[r] = shift
     return out
 
 
 def _slice_out(t, out, inp):
-    return t[out]
+    return t.index_select(0, torch.as_tensor(out))
 
 
 def _slice_conv_weight(t, out, inp):
-    return t[out][:, inp]
+    return _slice_out(t, out, inp).index_select(1, torch.as_tensor(inp))
 
 
 # state_dict parameter (after "layers.<i>.") -> slicer(tensor, kept outputs, kept inputs)
