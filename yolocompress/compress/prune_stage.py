@@ -30,7 +30,7 @@ from ..artifacts import (artifact_from_model, build_model, file_sha256, load_art
 from ..config import Config
 from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
-from ..eval.evaluate import METRIC_KEYS, evaluate_model
+from ..eval.evaluate import METRIC_KEYS
 from ..eval.speed import measure_latency
 from ..fileio import atomic_open
 from ..models.darknet import Darknet
@@ -39,7 +39,7 @@ from ..models.roles import describe_layers
 from ..report import (plot_channels_kept, plot_gamma_thresholds, prune_report_markdown,
                       prune_summary_rows)
 from ..train.distributed import init_distributed
-from ..train.run import stage_dir
+from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import Group, group_layers
 from .importance import get_importance
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
@@ -160,15 +160,12 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                                for when, m in (("before", model), ("after", pruned))}}
                for b in (latency_batches if latency_iters > 0 else ())]
     device = init_distributed(config.train.device).device
-    letterbox = model.letterbox if config.model.letterbox is None else config.model.letterbox
-    ev = config.eval
+    scores = config_evaluator(config, val, names, uses_letterbox(config, model))
 
     def evaluate(m: Darknet) -> dict:
-        res = evaluate_model(m.to(device), val, names, size, letterbox, ev.metric, ev.batch_size,
-                             config.data.workers, ev.conf_thresh, ev.nms_iou, ev.max_det,
-                             progress=False)
+        res = scores(m.to(device))
         m.cpu()
-        return {k: v for k, v in res.items() if isinstance(v, float)}
+        return res
 
     on, off = ("on", "off") if pc.compensate else ("off", "on")
     compensation = {on: evaluate(pruned), off: evaluate(other)}
@@ -178,7 +175,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                    threshold=record["thresholds"][row["name"]])
     metrics = {
         "stage": "pruned", "artifact": str(out), "source": str(src),
-        "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[ev.metric],
+        "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[config.eval.metric],
         "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1},
         "budget": record["budget"], "before": {**cost_before, **evaluate(model)},
         "after": {**cost_after, **compensation[on]}, "compensation": compensation,

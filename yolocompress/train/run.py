@@ -37,7 +37,7 @@ from .loss import YoloLoss
 from .optim import accumulate_steps, build_optimizer
 
 __all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "stage_dir", "MultiScaleHook",
-           "detection_criterion"]
+           "detection_criterion", "uses_letterbox", "config_evaluator"]
 
 
 @dataclass
@@ -82,6 +82,24 @@ def initial_model(config: Config, names: Sequence[str]) -> tuple[Darknet, dict |
         report = load_darknet_weights(model, config.require_file("model.weights"))
         print(report.summary())
     return model, None
+
+
+def uses_letterbox(config: Config, model: Darknet) -> bool:
+    """`model.letterbox` of the experiment, else what the cfg's [net] letter_box says."""
+    return model.letterbox if config.model.letterbox is None else config.model.letterbox
+
+
+def config_evaluator(config: Config, records: Sequence[Record], names: Sequence[str],
+                     letterbox: bool) -> Callable[[nn.Module], dict]:
+    """`fn(model) -> {metric: value}` on `records` with the experiment's eval settings."""
+    ev = config.eval
+
+    def evaluate(m: nn.Module) -> dict:
+        res = evaluate_model(m, records, names, config.model.img_size, letterbox, ev.metric,
+                             ev.batch_size, config.data.workers, ev.conf_thresh, ev.nms_iou,
+                             ev.max_det, progress=False)
+        return {k: v for k, v in res.items() if isinstance(v, float)}
+    return evaluate
 
 
 def detection_criterion(loss: YoloLoss) -> Callable[[nn.Module, Sequence[Any]], dict]:
@@ -159,7 +177,7 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
            force):
     tc, names = config.train, data.names
     img = config.model.img_size
-    letterbox = model.letterbox if config.model.letterbox is None else config.model.letterbox
+    letterbox = uses_letterbox(config, model)
     device = dist.device
     model.to(device)
     train_set = DetectionDataset(data.train, img, _augment(config, letterbox), letterbox=letterbox,
@@ -177,12 +195,6 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
         {"stage": parent["stage"], "sha256": parent["sha256"], "path": parent["path"]}] \
         if parent else []
 
-    def evaluate(m: nn.Module) -> dict:
-        res = evaluate_model(m, data.val, names, img, letterbox, config.eval.metric,
-                             config.eval.batch_size, config.data.workers, config.eval.conf_thresh,
-                             config.eval.nms_iou, config.eval.max_det, progress=False)
-        return {k: v for k, v in res.items() if isinstance(v, float)}
-
     def make_artifact(m: nn.Module, metrics: dict) -> dict:
         keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return artifact_from_model(m, stage, names, input_size=[img, img],
@@ -194,7 +206,7 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     all_hooks: list[HookBase] = [
         LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
                    final_ratio=tc.scales),
-        EvalHook(evaluate, every=tc.eval_interval),
+        EvalHook(config_evaluator(config, data.val, names, letterbox), every=tc.eval_interval),
         LoggerHook(out_dir),
         CheckpointHook(out_dir, make_artifact, metric=metric_key),
         *hooks,
