@@ -346,6 +346,7 @@ def test_sparse_command_end_to_end(mini, capsys):
     for name in ("best.pt", "last.pt", "metrics.json", "train_log.csv", "gamma_histograms.png"):
         assert (run / name).is_file(), name
     art = load_artifact(run / "best.pt")
+    assert art["config"]["train"]["ema"] is False       # sparse.ema defaults to off
     assert art["stage"] == "sparse" and art["parent"] == file_sha256(baseline)
     assert art["lineage"][-1] == {"stage": "baseline", "sha256": file_sha256(baseline),
                                   "path": str(baseline.resolve())}

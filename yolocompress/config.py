@@ -213,6 +213,9 @@ class SparseConfig(_Section):
     target_threshold: float = 0.01        # target: ... this |gamma|
     target_epoch: Optional[int] = None    # target: epoch by which to reach it; None = the last
     include_excluded: bool = False        # penalise every BN conv, not only the prunable ones
+    # keep train.ema in this stage: off by default, since an EMA of the weights lags the gammas the
+    # penalty drives to zero, and the EMA is what gets saved and later pruned
+    ema: bool = False
 
     def _validate(self) -> None:
         _require(self.s > 0, "s", "must be > 0", self.s)

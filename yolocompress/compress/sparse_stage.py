@@ -44,6 +44,8 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
         # the same as model.weights=<artifact>, which the saved config then records
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, weights=str(path.resolve())))
+    if not config.sparse.ema:   # the saved (EMA) gammas would lag the penalised ones
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, ema=False))
     schedule = build_schedule(config.sparse, config.train.epochs)
     data = load_data(config)
     model, parent = initial_model(config, data.names)
