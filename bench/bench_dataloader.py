@@ -6,14 +6,11 @@ the command line and the machine, in the `## Data loading` section of docs/BENCH
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
-from yolocompress.benchmarks import machine, write_section
+from yolocompress.benchmarks import machine, write_result
 from yolocompress.data.dataset import DetectionDataset, build_loader
 from yolocompress.data.formats import read_split
 from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_YEAR, ensure_demo
@@ -71,15 +68,12 @@ def main(argv: list[str] | None = None) -> None:
             print(table[-1], flush=True)
     print("\n".join(table))
     if args.write:
-        command = shlex.join(["python", *sys.argv])
-        text = (f"{SECTION}\n\nCommand: `{command}` (demo set v1 train split, {len(records)} images of 256x256, "
-                f"{args.img_size} px input, batch {args.batch_size}; fastest of {args.repeat} runs of "
-                f"{args.batches} batches, each after 2 warm-up batches, files in the page cache; uint8 batches, "
-                f"no pinning).\n\nMachine: {machine('torch', 'opencv-python-headless')}. The machine is shared with other jobs, so treat the "
-                f"numbers as indicative.\n\n" + "\n".join(table) + "\n")
-        out = ROOT / "docs" / "BENCHMARKS.md"
-        write_section(out, SECTION, text)
-        print(f"wrote {out}")
+        write_result(SECTION, f"demo set v1 train split, {len(records)} images of 256x256, "
+                     f"{args.img_size} px input, batch {args.batch_size}; fastest of {args.repeat} runs "
+                     f"of {args.batches} batches, each after 2 warm-up batches, files in the page "
+                     f"cache; uint8 batches, no pinning",
+                     f"{machine('torch', 'opencv-python-headless')}. The machine is shared with other "
+                     f"jobs, so treat the numbers as indicative", "\n".join(table))
 
 
 if __name__ == "__main__":

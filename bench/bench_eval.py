@@ -6,16 +6,12 @@ Prints a markdown table; `--write` puts it, with the command line and the machin
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
-from yolocompress.benchmarks import machine, write_section
+from yolocompress.benchmarks import machine, write_result
 from yolocompress.data.records import Record
 from yolocompress.eval.coco import COCOEvaluator
 from yolocompress.eval.detections import Detections
@@ -90,12 +86,9 @@ def main(argv: list[str] | None = None) -> None:
               for name, p, e, v in rows]
     print("\n".join(table))
     if args.write:
-        command = shlex.join(["python", *sys.argv])
-        text = (f"{SECTION}\n\nCommand: `{command}` (synthetic VOC-like data, seed {args.seed}; VOC: fastest of "
-                f"{args.repeat} runs; target: VOC total < 2 s).\n\nMachine: {machine('pycocotools')}.\n\n" + "\n".join(table) + "\n")
-        out = ROOT / "docs" / "BENCHMARKS.md"
-        write_section(out, SECTION, text)
-        print(f"wrote {out}")
+        write_result(SECTION, f"synthetic VOC-like data, seed {args.seed}; VOC: fastest of "
+                     f"{args.repeat} runs; target: VOC total < 2 s", machine("pycocotools"),
+                     "\n".join(table))
 
 
 if __name__ == "__main__":

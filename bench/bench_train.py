@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
-from yolocompress.benchmarks import machine, write_section
+from yolocompress.benchmarks import machine, write_result
 from yolocompress.config import load_config
 from yolocompress.train.run import load_data, run_stage
 
@@ -49,12 +47,9 @@ def main(argv: list[str] | None = None) -> None:
               for w, ips, wait in rows]
     print("\n".join(table))
     if args.write:
-        command = shlex.join(["python", *sys.argv])
-        text = (f"{SECTION}\n\nCommand: `{command}` ({Path(args.config).name}, {args.images} "
-                f"training images, one epoch, augmentation as configured, no evaluation; "
-                f"target: data wait < 10 %).\n\nMachine: {machine('torch')}.\n\n"
-                + "\n".join(table) + "\n")
-        write_section(ROOT / "docs" / "BENCHMARKS.md", SECTION, text)
+        write_result(SECTION, f"{Path(args.config).name}, {args.images} training images, one "
+                     f"epoch, augmentation as configured, no evaluation; target: data wait < 10 %",
+                     machine("torch"), "\n".join(table))
 
 
 if __name__ == "__main__":

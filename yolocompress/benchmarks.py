@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
+import sys
 from pathlib import Path
 
 from .fileio import atomic_open
 
-__all__ = ["machine", "write_section"]
+__all__ = ["machine", "write_section", "write_result", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -30,6 +32,19 @@ def machine(*packages: str) -> str:
         except PackageNotFoundError:
             pass
     return f"nproc {nproc}, {model}; " + ", ".join(parts)
+
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+
+
+def write_result(heading: str, notes: str, machine_line: str, body: str,
+                 path: str | os.PathLike = BENCHMARKS_MD) -> None:
+    """Write a benchmark section: heading, the command that ran (from sys.argv) with `notes`,
+    the machine, then `body` (usually a markdown table)."""
+    command = shlex.join(["python", *sys.argv])
+    write_section(path, heading, f"{heading}\n\nCommand: `{command}` ({notes}).\n\n"
+                                 f"Machine: {machine_line}.\n\n{body}\n")
+    print(f"wrote {path}")
 
 
 def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
