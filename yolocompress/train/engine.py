@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import threading
@@ -339,7 +340,14 @@ class Trainer:
                 # under DDP a stop is agreed before backward, so that this micro-batch syncs
                 stop = self._stop_agreed() if ddp else False
                 b += 1
-                self._micro_step(batch, sync=b % self.accumulate == 0 or b == n or stop)
+                try:
+                    self._micro_step(batch, sync=b % self.accumulate == 0 or b == n or stop)
+                except RuntimeError:
+                    # a SIGTERM to the whole process group kills the DataLoader workers too, and
+                    # torch reports that from its SIGCHLD handler, possibly mid-backward
+                    if not self._stop:
+                        raise
+                    self._interrupt()   # state as of the last optimizer step (self._next)
                 stop = stop or (not ddp and self._stop)
                 step = b % self.accumulate == 0 or b == n or stop
                 pending = not step
@@ -467,8 +475,11 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         self._stop = False
+        owner = os.getpid()
 
         def handler(signum, frame):
+            if os.getpid() != owner:   # a forked DataLoader worker: the trainer decides and
+                return                 # shuts the workers down when it stops
             if self._stop:
                 raise KeyboardInterrupt
             self._stop = True

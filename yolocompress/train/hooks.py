@@ -6,7 +6,6 @@ other ranks wait at a barrier.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from ..artifacts import save_artifact
 from ..errors import YoloCompressError
 from ..fileio import atomic_open
+from ..plotting import new_figure, save_figure
 from .distributed import barrier, is_main
 from .engine import HookBase
 
@@ -180,9 +180,11 @@ class CheckpointHook(HookBase):
                                   else float(value) < self.best))
         if improved:
             self.best = float(value)
-        self.save_last()
+        # best.pt before last.pt: last.pt records `best`, and a run resumed from it must find
+        # that best.pt on disk (a kill between the two writes then only repeats this epoch)
         if is_main() and (improved or (t.epoch + 1 == t.epochs and self.best is None)):
             save_artifact(self._artifact(train_state=False), self.best_path)
+        self.save_last()
 
     def on_interrupt(self) -> None:
         self.save_last()
@@ -266,9 +268,6 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     """Loss terms, learning rate and metrics against epoch from a LoggerHook CSV, as one PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="") as f:
@@ -289,8 +288,7 @@ def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLik
                                                 ("metrics", metrics), ("sparsity", sparsity))
               if cols and cols[0] in names]
     x = column("epoch")
-    fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(5 * max(len(panels), 1), 4)
     for i, (title, cols) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for c in cols:
@@ -299,8 +297,4 @@ def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLik
         ax.set_xlabel("epoch")
         if len(cols) > 1 or title == "metrics":
             ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    with atomic_open(png_path, "wb") as f:
-        f.write(buf.getvalue())
-    return Path(png_path)
+    return save_figure(fig, png_path)
