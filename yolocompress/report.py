@@ -7,7 +7,6 @@ writes to metrics.json (its layout is documented in that module).
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,27 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import YoloCompressError
-from .fileio import atomic_open
+from .plotting import new_figure, save_figure
 
 __all__ = ["plot_channels_kept", "plot_gamma_thresholds", "prune_summary_rows",
            "prune_report_markdown"]
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, png_path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    with atomic_open(png_path, "wb") as f:
-        f.write(buf.getvalue())
-    return Path(png_path)
 
 
 def plot_channels_kept(layers: Sequence[Mapping], png_path: str | os.PathLike) -> Path:
@@ -48,7 +30,7 @@ def plot_channels_kept(layers: Sequence[Mapping], png_path: str | os.PathLike) -
     groups = list(dict.fromkeys(r["group"] for r in rows))
     colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     x = np.arange(len(rows))
-    fig = _figure(max(7.0, 0.12 * len(rows) + 2), 4.5)
+    fig = new_figure(max(7.0, 0.12 * len(rows) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(x, [r["filters_before"] for r in rows], color="0.85", width=0.8, label="before")
     for g in groups:
@@ -61,7 +43,7 @@ def plot_channels_kept(layers: Sequence[Mapping], png_path: str | os.PathLike) -
     ax.set_yscale("log")
     ax.set_title("Channels kept per pruned layer")
     ax.legend(fontsize=8, ncol=min(6, len(groups) + 1))
-    return _save_png(fig, png_path)
+    return save_figure(fig, png_path)
 
 
 def plot_gamma_thresholds(scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float | None],
@@ -86,7 +68,7 @@ def plot_gamma_thresholds(scores: Mapping[str, np.ndarray], thresholds: Mapping[
     rows = math.ceil(len(names) / cols)
     from matplotlib.ticker import NullFormatter
 
-    fig = _figure(4.0 * cols, 3.0 * rows)
+    fig = new_figure(4.0 * cols, 3.0 * rows)
     for k, n in enumerate(names):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.hist(np.clip(flat[n], lo, hi), bins=edges, color="C0")
@@ -103,7 +85,7 @@ def plot_gamma_thresholds(scores: Mapping[str, np.ndarray], thresholds: Mapping[
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"{label} (first bin: everything below)", fontsize=8)
         ax.set_ylabel("channels", fontsize=8)
-    return _save_png(fig, png_path)
+    return save_figure(fig, png_path)
 
 
 def _change(before: float, after: float) -> str:

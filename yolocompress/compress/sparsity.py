@@ -9,7 +9,6 @@ YOLOv4 weights users report that 1e-4 is safer (REFERENCE.md, "The method").
 from __future__ import annotations
 
 import abc
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import YoloCompressError
-from ..fileio import atomic_open
+from ..plotting import new_figure, save_figure
 from ..models.darknet import ConvLayer, Darknet
 from ..train.distributed import is_main, unwrap
 from ..train.engine import HookBase
@@ -419,9 +418,6 @@ def _histogram(values: torch.Tensor) -> list[int]:
 def plot_gamma_histograms(hist: dict[str, list], png_path: str | os.PathLike) -> Path:
     """Heatmap of the |γ| distribution over epochs (x: epoch, y: |γ| on a log axis, colour: share of
     the penalised channels in the bin), with the 1e-2 line; written atomically as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     edges, epochs, counts = hist["edges"], hist["epochs"], hist["counts"]
     if not epochs or len(counts) != len(epochs) or any(len(c) != len(edges) - 1 for c in counts):
         raise YoloCompressError(f"{png_path}: gamma histogram needs one row of {len(edges) - 1} "
@@ -430,8 +426,7 @@ def plot_gamma_histograms(hist: dict[str, list], png_path: str | os.PathLike) ->
     c = torch.tensor(counts, dtype=torch.float64)
     share = (c / c.sum(1, keepdim=True).clamp(min=1)).T.numpy()
     x = [epochs[0] - 0.5] + [e + 0.5 for e in epochs]
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     mesh = ax.pcolormesh(x, edges, share, cmap="viridis", shading="flat")
     ax.set_yscale("log")
@@ -441,8 +436,4 @@ def plot_gamma_histograms(hist: dict[str, list], png_path: str | os.PathLike) ->
     ax.set_title("BN gamma distribution of the penalised layers")
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(mesh, ax=ax, label="share of channels")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    with atomic_open(png_path, "wb") as f:
-        f.write(buf.getvalue())
-    return Path(png_path)
+    return save_figure(fig, png_path)

@@ -12,7 +12,6 @@ whose every detection is ignored scores 11-point AP 0 where the devkit's 0/0 pre
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ from yolocompress.data.records import Record
 from yolocompress.errors import YoloCompressError
 from yolocompress.eval.detections import Detections
 from yolocompress.eval.evaluator import CollectingEvaluator, ImageEval
+from yolocompress.plotting import new_figure, save_figure
 
 __all__ = ["voc_ap", "VOCEvaluator", "plot_pr_curves"]
 
@@ -201,15 +201,7 @@ def _nan_mean(values) -> float:
 def plot_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
                    title: str = "Precision-recall") -> None:
     """Plot one PR curve per class (legend with its all-point AP) to `path`; format from the suffix, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lstrip(".").lower()
-    if not ext:
-        raise YoloCompressError(f"{path}: give the plot a file suffix (.png, .pdf, .svg)")
-    fig = Figure(figsize=(8, 6))
-    FigureCanvasAgg(fig)
+    fig = new_figure(8, 6, constrained=False)
     ax = fig.add_subplot()
     for name, (rec, prec) in curves.items():
         ap = voc_ap(rec, prec, use_07_metric=False)
@@ -218,12 +210,4 @@ def plot_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: st
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix="." + ext)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=ext, bbox_inches="tight", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
