@@ -18,6 +18,7 @@ from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import parse_cfg, read_cfg, write_cfg
 from yolocompress.models.darknet import Darknet
 from yolocompress.models.profile import profile_summary
+from yolocompress.models.roles import describe_layers
 from yolocompress.report import (plot_channels_kept, plot_gamma_thresholds,
                                  prune_report_markdown, prune_summary_rows)
 
@@ -150,6 +151,23 @@ def test_one_percent_for_all_groups_l1_importance_no_compensation(mini, tmp_path
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["after"]["map"] == metrics["compensation"]["off"]["map"]
     assert "map_compensation_on" in art["metrics"]
+
+
+def test_global_grouping_is_one_threshold_over_all_prunable_convs(mini, tmp_path):
+    out = tmp_path / "g.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
+                  "0", "prune.grouping=global", "prune.percents=[0.4]", "prune.min_keep=0.01",
+                  "prune.min_channels=1") == 0
+    rec = load_artifact(out)["prune"]
+    assert rec["percents"] == {"all": 0.4} and rec["settings"]["grouping"] == "global"
+    assert set(rec["groups"]["all"]) == set(rec["layers"])   # every prunable conv, one group
+    # one threshold over all of them: 40 % of all their |gamma| fall below it
+    sparse = load_artifact(mini / "sparse.pt")
+    index = {i.name: i.index for i in describe_layers(parse_cfg(sparse["cfg"]))}
+    scores = torch.cat([sparse["state_dict"][f"layers.{index[n]}.bn.weight"].abs()
+                        for n in rec["groups"]["all"]])
+    assert float((scores < rec["thresholds"]["all"]).float().mean()) == pytest.approx(0.4, abs=0.01)
+    assert _replays(sparse, load_artifact(out), compensate=True)
 
 
 def test_prune_command_errors(mini, capsys):

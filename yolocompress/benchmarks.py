@@ -38,10 +38,10 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 
 
 def write_result(heading: str, notes: str, machine_line: str, body: str,
-                 path: str | os.PathLike = BENCHMARKS_MD) -> None:
-    """Write a benchmark section: heading, the command that ran (from sys.argv) with `notes`,
-    the machine, then `body` (usually a markdown table)."""
-    command = shlex.join(["python", *sys.argv])
+                 path: str | os.PathLike = BENCHMARKS_MD, command: str | None = None) -> None:
+    """Write a benchmark section: heading, the command that ran (default: `python` + sys.argv)
+    with `notes`, the machine, then `body` (usually a markdown table)."""
+    command = command or shlex.join(["python", *sys.argv])
     write_section(path, heading, f"{heading}\n\nCommand: `{command}` ({notes}).\n\n"
                                  f"Machine: {machine_line}.\n\n{body}\n")
     print(f"wrote {path}")

@@ -198,6 +198,38 @@ def cmd_distill(args) -> None:
     run_distill(config, args.student, args.teacher, force=args.force)
 
 
+def cmd_finetune(args) -> None:
+    from .compress.distill_stage import run_finetune
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run_finetune(config, args.student, force=args.force)
+
+
+def cmd_pipeline(args) -> None:
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    config = load_config(args.config or _PACKAGE_ROOT / "cfg" / "experiments" / "demo.yaml",
+                         args.overrides)
+    run_pipeline(config, force=args.force, latency_iters=args.latency_iters,
+                 latency_threads=args.latency_threads or None)
+
+
+def cmd_bench(args) -> None:
+    from .bench.suites import run_ablation, run_compress
+    from .config import load_config
+
+    from .benchmarks import BENCHMARKS_MD
+
+    config = load_config(args.config, args.overrides)
+    md = None if args.no_write else Path(args.markdown or BENCHMARKS_MD)
+    if args.suite == "compress":
+        run_compress(config, latency_iters=args.latency_iters, md_path=md)
+    else:
+        run_ablation(config, md_path=md)
+
+
 def cmd_eval(args) -> None:
     from .data.descriptor import load_descriptor, load_split
     from .eval.evaluate import evaluate_detections, evaluate_model
@@ -317,6 +349,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.fg_mask=true")
     s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("finetune", help="plain fine-tuning of a pruned model (distillation's control)")
+    s.add_argument("--config", required=True, help="experiment YAML (distill.epochs / distill.lr)")
+    s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.epochs=10")
+    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill, then the report")
+    s.add_argument("--config", help="experiment YAML (default: the built-in demo, "
+                                    "cfg/experiments/demo.yaml)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.out_dir=/tmp/runs")
+    s.add_argument("--force", action="store_true", help="run every stage again")
+    s.add_argument("--latency-iters", type=int, default=30,
+                   help="timed CPU forward passes per artifact (0: skip latency)")
+    s.add_argument("--latency-threads", type=int, default=1,
+                   help="torch threads while timing (default 1; 0: torch's default)")
+    s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("bench", help="compression benchmark against peers, and the ablation")
+    s.add_argument("suite", choices=["compress", "ablation"],
+                   help="compress: every arm at every FLOPs budget of the `bench` section; "
+                        "ablation: sparse rate, threshold and recovery factors over seeds")
+    s.add_argument("--config", required=True, help="experiment YAML with a `bench` section, e.g. "
+                                                   "cfg/experiments/bench-cpu.yaml")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bench.budgets=[0.5]")
+    s.add_argument("--latency-iters", type=int, default=30,
+                   help="timed batch-1 CPU passes per model (compress; 0: skip)")
+    s.add_argument("--markdown", help="write the results section here (default docs/BENCHMARKS.md)")
+    s.add_argument("--no-write", action="store_true", help="do not touch any BENCHMARKS.md")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
     s.add_argument("artifact", nargs="?")

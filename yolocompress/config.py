@@ -196,11 +196,20 @@ class EvalConfig(_Section):
         _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
+def _check_stage_budget(section: Any) -> None:
+    """A training stage's own `epochs` / `lr` overrides: null, or >= 1 / > 0."""
+    _require(section.epochs is None or section.epochs >= 1, "epochs", "must be >= 1 or null",
+             section.epochs)
+    _require(section.lr is None or section.lr > 0, "lr", "must be > 0 or null", section.lr)
+
+
 @dataclass(frozen=True)
 class SparseConfig(_Section):
     # stage 1 sparse-rate schedule: local_decay (the method's dynamic rule) | constant (network
     # slimming) | step | cosine | linear | target (adapts s to reach target_fraction)
     schedule: Literal["local_decay", "constant", "step", "cosine", "linear", "target"] = "local_decay"
+    epochs: Optional[int] = None          # this stage's epochs; null = train.epochs
+    lr: Optional[float] = None            # this stage's lr; null = train.lr
     s: float = 1e-3                       # base L1 rate on BN gammas; 1e-4 is safer from COCO weights
     switch_at: float = 0.4                # local_decay: after this fraction of the epochs, protect ...
     protect: float = 0.35                 # local_decay: ... this share of largest |gamma| (global rank)
@@ -218,6 +227,7 @@ class SparseConfig(_Section):
     ema: bool = False
 
     def _validate(self) -> None:
+        _check_stage_budget(self)
         _require(self.s > 0, "s", "must be > 0", self.s)
         for name in ("switch_at", "warmup"):
             _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
@@ -242,6 +252,9 @@ class PruneConfig(_Section):
     min_channels: int = 8                 # ... and at least this many (at most all it has)
     round_to: int = 1                     # round kept channels up to a multiple of this (8 suits SIMD)
     merge: Literal["majority", "union"] = "majority"  # shortcut-tied masks: kept by >= half | any
+    # groups: one threshold per group (the method's five on yolov4) | global: one threshold for
+    # every prunable conv (network slimming); with global, percents has one value
+    grouping: Literal["groups", "global"] = "groups"
     # channel ranking: |BN gamma| (network slimming) | L1 of filters | random (seeded by train.seed)
     importance: Literal["bn_gamma_abs", "l1_filter", "random"] = "bn_gamma_abs"
     compensate: bool = True               # fold pruned channels' constant act(beta) into the next layer
@@ -274,8 +287,13 @@ class DistillConfig(_Section):
     fg_mask: bool = False                 # compare attention inside ground-truth boxes only
     output_kd: float = 0.0                # weight of the objectness/class logit term "kd"; 0 = off
     kd_temperature: float = 1.0           # temperature of that term (T^2-scaled binary KL)
+    # this stage's epochs and lr (also those of the plain fine-tune it is compared with); null =
+    # train.epochs / train.lr
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
 
     def _validate(self) -> None:
+        _check_stage_budget(self)
         _require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a name",
                  list(self.layers))
         _require(not self.betas or len(self.betas) == len(self.layers), "betas",
@@ -285,6 +303,33 @@ class DistillConfig(_Section):
             _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _require(self.p > 0, "p", "must be > 0", self.p)
         _require(self.kd_temperature > 0, "kd_temperature", "must be > 0", self.kd_temperature)
+
+
+BENCH_ARMS = ("ours", "ours_no_distill", "global", "torch_pruning")   # bench/arms.py ARMS
+
+
+@dataclass(frozen=True)
+class BenchConfig(_Section):
+    # `yolocompress bench compress`: FLOPs reductions to compare the arms at, the arms
+    # (ours | ours_no_distill | global | torch_pruning) and the recovery seeds
+    budgets: tuple[float, ...] = (0.35, 0.5, 0.65)
+    arms: tuple[str, ...] = BENCH_ARMS
+    seeds: tuple[int, ...] = (0,)
+    # `yolocompress bench ablation`: one budget, every factor over these seeds
+    ablation_budget: float = 0.5
+    ablation_seeds: tuple[int, ...] = (0, 1)
+
+    def _validate(self) -> None:
+        _require(len(self.budgets) >= 1 and all(0 < b < 1 for b in self.budgets), "budgets",
+                 "must be a non-empty list of fractions in (0, 1)", list(self.budgets))
+        _require(len(self.arms) >= 1 and all(a in BENCH_ARMS for a in self.arms), "arms",
+                 f"must be a non-empty list of {', '.join(BENCH_ARMS)}", list(self.arms))
+        for name in ("seeds", "ablation_seeds"):
+            v = getattr(self, name)
+            _require(len(v) >= 1 and len(set(v)) == len(v) and all(x >= 0 for x in v), name,
+                     "must be a non-empty list of distinct seeds >= 0", list(v))
+        _require(0 < self.ablation_budget < 1, "ablation_budget", "must be in (0, 1)",
+                 self.ablation_budget)
 
 
 @dataclass(frozen=True)
@@ -299,6 +344,7 @@ class Config(_Section):
     sparse: SparseConfig = field(default_factory=SparseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config
 
     def _validate(self) -> None:

@@ -5,6 +5,9 @@ with a `DistillCriterion` around the detection loss and a `DistillLogHook`.
 The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
 sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, ref_size}.
+
+`run_finetune` is the control it is measured against: the same student, epochs and lr
+(`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
 """
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from pathlib import Path
 from ..artifacts import build_model, file_sha256, load_artifact
 from ..config import Config
 from ..errors import YoloCompressError
-from ..train.run import load_data, run_stage
+from ..train.run import load_data, run_stage, with_stage_budget
 from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
 
-__all__ = ["run_distill", "default_teacher"]
+__all__ = ["run_distill", "run_finetune", "default_teacher"]
 
 
 def _load(path: str | os.PathLike, role: str) -> dict:
@@ -47,18 +50,36 @@ def default_teacher(student: dict) -> Path:
     return path
 
 
+def _check_classes(arts: dict[str, dict], names: list[str]) -> None:
+    for role, art in arts.items():
+        if list(art["classes"]) != names:
+            raise YoloCompressError(f"{art['path']}: {role} classes {art['classes']} differ from "
+                                    f"the data set's {names}")
+
+
+def run_finetune(config: Config, student_artifact: str | os.PathLike, force: bool = False) -> Path:
+    """Plain fine-tuning of the pruned `student_artifact` (no teacher) with distill.epochs /
+    distill.lr; returns the path of the stage's best.pt (runs/<name>/finetuned/)."""
+    config = with_stage_budget(config, config.distill)
+    student_art = _load(student_artifact, "student")
+    data = load_data(config)
+    _check_classes({"student": student_art}, data.names)
+    student = build_model(student_art, source=student_art["path"])
+    extra = {"prune": student_art["prune"]} if student_art.get("prune") is not None else {}
+    return run_stage(config, "finetuned", model=student, parent=student_art, extra=extra,
+                     force=force, data=data)
+
+
 def run_distill(config: Config, student_artifact: str | os.PathLike,
                 teacher_artifact: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Distill `teacher_artifact` (default: the student's parent) into the pruned
     `student_artifact`; returns the path of the stage's best.pt."""
+    config = with_stage_budget(config, config.distill)
     dc = config.distill
     student_art = _load(student_artifact, "student")
     teacher_art = _load(teacher_artifact or default_teacher(student_art), "teacher")
     data = load_data(config)
-    for role, art in (("student", student_art), ("teacher", teacher_art)):
-        if list(art["classes"]) != data.names:
-            raise YoloCompressError(f"{art['path']}: {role} classes {art['classes']} differ from "
-                                    f"the data set's {data.names}")
+    _check_classes({"student": student_art, "teacher": teacher_art}, data.names)
     student = build_model(student_art, source=student_art["path"])
     teacher = build_model(teacher_art, source=teacher_art["path"])
     layers = resolve_layers(student.blocks, dc.layers, dc.betas,

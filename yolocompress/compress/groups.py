@@ -16,7 +16,7 @@ from ..models.cfg import Block
 from ..models.roles import LayerInfo, describe_layers
 from .graph import ChannelGraph, analyze
 
-__all__ = ["Place", "GroupRule", "GROUPS", "Group", "layer_places", "group_layers"]
+__all__ = ["Place", "GroupRule", "GROUPS", "GLOBAL", "GROUPINGS", "Group", "layer_places", "group_layers"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ GROUPS: tuple[GroupRule, ...] = (
     GroupRule("G5", "PAN bottom-up + heads (the rest)",
               lambda p: True),
 )
+
+
+# One group, so one threshold over every prunable conv: network slimming's global threshold
+# (tanluren's and SpursLipu's forks), the control the group rule is measured against.
+GLOBAL: tuple[GroupRule, ...] = (
+    GroupRule("all", "every prunable conv (one global threshold)", lambda p: True),
+)
+
+GROUPINGS = {"groups": GROUPS, "global": GLOBAL}   # config prune.grouping -> rule table
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from ..report import (plot_channels_kept, plot_gamma_thresholds, prune_report_ma
                       prune_summary_rows)
 from ..train.distributed import init_distributed
 from ..train.run import config_evaluator, stage_dir, uses_letterbox
-from .groups import Group, group_layers
+from .groups import GROUPINGS, Group, group_layers
 from .importance import get_importance
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
 
@@ -113,7 +113,7 @@ def _choose(config: Config, blocks, state, groups, settings: dict) -> dict:
         budget = {"metric": res.metric, "target": res.target, "reduction": res.reduction,
                   "method": pc.budget_method, "evaluations": res.evaluations}
     record = plan(blocks, state, groups, percents, **settings)
-    record["settings"]["compensate"] = pc.compensate
+    record["settings"].update(compensate=pc.compensate, grouping=pc.grouping)
     record["budget"] = budget
     return record
 
@@ -141,7 +141,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                     merge=pc.merge, importance=get_importance(pc.importance, config.train.seed))
 
     t0 = time.perf_counter()
-    groups = group_layers(blocks)
+    groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
     record = _choose(config, blocks, state, groups, settings)
     keep = keep_from_record(blocks, record)
     t1 = time.perf_counter()

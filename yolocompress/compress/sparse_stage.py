@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import YoloCompressError
 from ..models.darknet import ConvLayer, Darknet
-from ..train.run import initial_model, load_data, run_stage, stage_dir
+from ..train.run import initial_model, load_data, run_stage, stage_dir, with_stage_budget
 from .sparsity import SparsityHook, build_schedule
 
 __all__ = ["penalised_layers", "run_sparse"]
@@ -44,6 +44,7 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
         # the same as model.weights=<artifact>, which the saved config then records
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, weights=str(path.resolve())))
+    config = with_stage_budget(config, config.sparse)
     if not config.sparse.ema:   # the saved (EMA) gammas would lag the penalised ones
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, ema=False))
     schedule = build_schedule(config.sparse, config.train.epochs)

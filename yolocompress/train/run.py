@@ -7,6 +7,7 @@ from it; a complete stage (best.pt and metrics.json present) is not run again un
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ from .hooks import CheckpointHook, EvalHook, LoggerHook, LRSchedule
 from .loss import YoloLoss
 from .optim import accumulate_steps, build_optimizer
 
-__all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "stage_dir", "MultiScaleHook",
-           "detection_criterion", "uses_letterbox", "config_evaluator"]
+__all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "run_dir", "stage_dir", "MultiScaleHook",
+           "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget"]
 
 
 @dataclass
@@ -146,9 +147,23 @@ def _augment(config: Config, letterbox: bool) -> AugmentConfig:
                          letterbox=letterbox)
 
 
+def with_stage_budget(config: Config, section: Any) -> Config:
+    """`config` with train.epochs / train.lr replaced by a stage section's own `epochs` / `lr`
+    (`config.sparse`, `config.distill`) where those are set."""
+    changes = {k: getattr(section, k) for k in ("epochs", "lr") if getattr(section, k) is not None}
+    if not changes:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
+
+
+def run_dir(config: Config) -> Path:
+    """The experiment's folder: <train.out_dir>/<experiment name>/."""
+    return Path(config.train.out_dir) / (config.name or "experiment")
+
+
 def stage_dir(config: Config, stage: str) -> Path:
     """Where a stage writes its artifacts: <train.out_dir>/<experiment name>/<stage>/."""
-    return Path(config.train.out_dir) / (config.name or "experiment") / stage
+    return run_dir(config) / stage
 
 
 def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
@@ -232,6 +247,11 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     return best
 
 
+def _training_keys(config: dict) -> dict:
+    """The parts of an experiment dict that shape a training run (not the benchmark plan)."""
+    return {k: v for k, v in config.items() if k != "bench"}
+
+
 def _maybe_resume(trainer: Trainer, last: Path, config: Config) -> None:
     if not last.is_file():
         return
@@ -239,7 +259,7 @@ def _maybe_resume(trainer: Trainer, last: Path, config: Config) -> None:
     state = art.get("train_state")
     if not state:
         return
-    if art.get("config") != config.to_dict():
+    if _training_keys(art.get("config") or {}) != _training_keys(config.to_dict()):
         raise YoloCompressError(f"{last}: was written by a different experiment config; move it "
                                 f"away or use --force to start over")
     trainer.load_state_dict(state)

@@ -1,0 +1,127 @@
+"""`yolocompress pipeline` end to end on a miniature demo set: stages chained through artifacts,
+the report, skipping complete stages, and a SIGKILL mid-stage followed by a clean resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from yolocompress.artifacts import file_sha256, load_artifact
+from yolocompress.cli import main
+from yolocompress.config import load_config
+from yolocompress.pipeline import PIPELINE, REPORT_KEYS, format_table, run_pipeline, stage_complete
+
+from conftest import ROOT, make_mini
+
+FAST = ["sparse.epochs=1", "distill.epochs=1", "prune.percents=[0.5]"]
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    return make_mini(tmp_path_factory.mktemp("mini"), train={
+        "epochs": 1, "batch_size": 4, "nominal_batch": 4, "lr": 0.001, "burn_in": 2,
+        "eval_interval": 1, "multi_scale": False, "device": "cpu"})
+
+
+def test_pipeline_chains_stages_and_reports(mini, capsys):
+    assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "2",
+                 *FAST]) == 0
+    out = capsys.readouterr().out
+    run = mini / "runs" / "exp"
+    report = json.loads((run / "report.json").read_text())
+    rows = report["stages"]
+    assert [r["stage"] for r in rows] == list(PIPELINE)
+    for r in rows:
+        assert set(REPORT_KEYS) <= set(r)
+        assert 0.0 <= r["map50_voc07"] <= 1.0 and 0.0 <= r["map50_all"] <= 1.0
+        assert r["size_bytes"] == os.path.getsize(r["artifact"]) and r["latency_ms_b1"] > 0
+        assert r["sha256"] == file_sha256(r["artifact"])
+        assert (run / r["stage"] / "pr_curves.png").is_file()
+    base, sparse, pruned, distilled = rows
+    assert pruned["params"] < base["params"] and pruned["flops"] < base["flops"]
+    assert distilled["params"] == pruned["params"] and sparse["params"] == base["params"]
+    # lineage: each artifact descends from the previous stage's file
+    for prev, row in zip(rows, rows[1:]):
+        assert row["parent"] == prev["sha256"]
+        assert row["lineage"][-1]["stage"] == prev["stage"]
+    assert [s["stage"] for s in distilled["lineage"]] == ["baseline", "sparse", "pruned"]
+    assert load_artifact(distilled["artifact"])["distill"]["teacher"]["sha256"] == sparse["sha256"]
+    md = (run / "report.md").read_text()
+    assert "| stage |" in md and "sparse/gamma_histograms.png" in md
+    assert "pruned/channels_kept.png" in md
+    assert format_table(rows).splitlines()[0].startswith("stage") and "distilled" in out
+
+    # everything complete: a second run skips every stage and leaves the artifacts alone
+    shas = [r["sha256"] for r in rows]
+    assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "0",
+                 *FAST]) == 0
+    out = capsys.readouterr().out
+    assert out.count("is complete, skipping") == len(PIPELINE)
+    again = json.loads((run / "report.json").read_text())["stages"]
+    assert [r["sha256"] for r in again] == shas and again[0]["latency_ms_b1"] is None
+
+
+def test_stage_budget_overrides_train_epochs(mini):
+    best = load_artifact(mini / "runs" / "exp" / "sparse" / "best.pt")
+    assert best["config"]["train"]["epochs"] == 1 and best["config"]["sparse"]["epochs"] == 1
+    cfg = load_config(mini / "exp.yaml", ["distill.epochs=3", "distill.lr=0.01"])
+    from yolocompress.train.run import with_stage_budget
+    staged = with_stage_budget(cfg, cfg.distill)
+    assert (staged.train.epochs, staged.train.lr) == (3, 0.01)
+    assert with_stage_budget(cfg, cfg.sparse) is cfg
+    with pytest.raises(Exception, match="epochs: must be >= 1 or null"):
+        load_config(mini / "exp.yaml", ["sparse.epochs=0"])
+
+
+def test_finetune_command_is_the_plain_control(mini):
+    pruned = mini / "runs" / "exp" / "pruned" / "best.pt"
+    assert main(["finetune", "--config", str(mini / "exp.yaml"), "--student", str(pruned),
+                 "distill.epochs=1"]) == 0
+    art = load_artifact(mini / "runs" / "exp" / "finetuned" / "best.pt")
+    assert art["stage"] == "finetuned" and art["parent"] == file_sha256(pruned)
+    assert art["prune"] == load_artifact(pruned)["prune"] and "distill" not in art
+
+
+def _wait_for(path, proc, timeout=240.0):
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"pipeline exited ({proc.returncode}) before {path} appeared:\n"
+                        + proc.stdout.read())
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def test_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path, capsys):
+    base = make_mini(tmp_path, train={"epochs": 1, "batch_size": 4, "nominal_batch": 4,
+                                      "lr": 0.001, "burn_in": 2, "eval_interval": 1,
+                                      "multi_scale": False, "device": "cpu"})
+    args = ["--config", str(base / "exp.yaml"), "--latency-iters", "0", "sparse.epochs=3",
+            "distill.epochs=1", "prune.percents=[0.5]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "yolocompress.cli", "pipeline", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    sparse = base / "runs" / "exp" / "sparse"
+    _wait_for(sparse / "last.pt", proc)     # sparse epoch 1 is saved: kill mid-stage
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    config = load_config(base / "exp.yaml", args[4:])
+    assert stage_complete(config, "baseline") and not stage_complete(config, "sparse")
+    baseline = base / "runs" / "exp" / "baseline" / "best.pt"
+    sha, mtime = file_sha256(baseline), baseline.stat().st_mtime_ns
+    capsys.readouterr()
+    rows = run_pipeline(config, latency_iters=0)
+    out = capsys.readouterr().out
+    assert "baseline: " in out and "is complete, skipping" in out
+    assert f"resuming from {sparse / 'last.pt'}" in out, out
+    assert baseline.stat().st_mtime_ns == mtime and rows[0]["sha256"] == sha
+    for stage in PIPELINE:
+        assert stage_complete(config, stage)
+        load_artifact(base / "runs" / "exp" / stage / "best.pt")   # checks cfg/state_dict
+    assert load_artifact(sparse / "last.pt", check=False)["train_state"]["epoch"] == 3
+    assert not list((base / "runs").rglob("*.tmp*"))

@@ -1,0 +1,1 @@
+"""Benchmarks that compare compression methods: arms (one method each) and the suites over them."""

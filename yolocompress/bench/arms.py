@@ -1,0 +1,115 @@
+"""Benchmark arms: a shared sparse model -> pruned by one method to a FLOPs budget -> recovered by
+attention distillation or plain fine-tuning -> scored like a pipeline stage.
+
+Every arm runs in its own folder `<root>/<arm>/` (pruned/, then distilled/ or finetuned/), so
+finished pieces are reused when a benchmark is re-run; `Arm` names the pruning and the recovery.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import artifact_from_model, build_model, file_sha256, load_artifact, save_artifact
+from ..compress.distill_stage import run_distill, run_finetune
+from ..compress.prune_stage import run_prune
+from ..config import Config
+from ..data.descriptor import load_descriptor, load_split
+from ..errors import YoloCompressError
+from ..fileio import atomic_open
+from ..models.profile import profile_summary
+from ..pipeline import score_artifact
+from ..train.run import config_evaluator
+
+__all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    pruning: str        # groups (ours) | global (network slimming) | torch_pruning
+    recovery: str       # distill | finetune
+    label: str
+
+
+ARMS = {a.name: a for a in (
+    Arm("ours", "groups", "distill", "ours: group thresholds + attention distillation"),
+    Arm("ours_no_distill", "groups", "finetune", "ours without distillation (plain fine-tune)"),
+    Arm("global", "global", "finetune", "one global threshold + fine-tune (network slimming)"),
+    Arm("torch_pruning", "torch_pruning", "finetune",
+        "Torch-Pruning, BN-scale importance, global + fine-tune"),
+)}
+_RECOVERED = {"distill": "distilled", "finetune": "finetuned"}
+
+
+def arm_config(config: Config, root: Path, folder: str, seed: int | None = None) -> Config:
+    """`config` writing to <root>/<folder>/<stage>/ (seed: train.seed of the recovery)."""
+    train = dataclasses.replace(config.train, out_dir=str(root),
+                                seed=config.train.seed if seed is None else seed)
+    return dataclasses.replace(config, name=folder, train=train)
+
+
+def _complete(path: Path) -> bool:
+    return path.is_file() and (path.parent / "metrics.json").is_file()
+
+
+def _tp_prune_artifact(config: Config, sparse: Path, budget: float, out: Path) -> None:
+    from ..compress.tp_baseline import tp_prune
+
+    art = load_artifact(sparse)
+    size = config.model.img_size
+    pruned, info = tp_prune(build_model(art, source=str(sparse)), budget, size,
+                            importance="bn_scale")
+    sha = file_sha256(sparse)
+    lineage = list(art.get("lineage", [])) + [
+        {"stage": art["stage"], "sha256": sha, "path": str(sparse.resolve())}]
+    prof = profile_summary(pruned.blocks, size, size)
+    desc = load_descriptor(config.require_file("data.descriptor"))
+    scores = config_evaluator(config, load_split(desc, "val", strict=config.data.strict),
+                              desc.names, pruned.letterbox)(pruned)
+    save_artifact(artifact_from_model(pruned, "pruned", art["classes"], input_size=[size, size],
+                                      config=config.to_dict(), parent=sha, lineage=lineage,
+                                      metrics={"params": prof["params"], "flops": prof["flops"],
+                                               **scores},
+                                      torch_pruning=info), out)
+    with atomic_open(out.parent / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump({"stage": "pruned", "method": "torch_pruning", **info}, f, indent=2)
+
+
+def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: float) -> Path:
+    """The sparse model pruned by `pruning` to remove `budget` of its FLOPs, in
+    <root>/<pruning>/pruned/best.pt (reused when complete)."""
+    out = root / pruning / "pruned" / "best.pt"
+    if _complete(out):
+        return out
+    cfg = arm_config(config, root, pruning)
+    if pruning == "torch_pruning":
+        _tp_prune_artifact(cfg, sparse, budget, out)
+        return out
+    if pruning not in ("groups", "global"):
+        raise YoloCompressError(f"unknown pruning method '{pruning}' (groups, global, "
+                                f"torch_pruning)")
+    pc = dataclasses.replace(cfg.prune, grouping=pruning, budget_target="flops",
+                             budget_ratio=budget,
+                             budget_method="greedy" if pruning == "groups" else "scale",
+                             percents=cfg.prune.percents if pruning == "groups" else (0.5,))
+    run_prune(dataclasses.replace(cfg, prune=pc), from_artifact=sparse, out=out,
+              latency_iters=0)
+    return out
+
+
+def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, seed: int,
+            latency_iters: int = 30) -> dict:
+    """Prune (shared by arms with the same pruning), recover with `seed`, score; the report row
+    of the recovered model plus arm, budget, seed and the mAP right after pruning."""
+    pruned = prune_arm(config, root, arm.pruning, sparse, budget)
+    cfg = arm_config(config, root, f"{arm.name}-seed{seed}", seed)
+    if arm.recovery == "distill":
+        best = run_distill(cfg, pruned, sparse)
+    else:
+        best = run_finetune(cfg, pruned)
+    row = score_artifact(cfg, _RECOVERED[arm.recovery], best, latency_iters)
+    row.update(arm=arm.name, label=arm.label, budget=budget, seed=seed,
+               pruned_map50_voc07=load_artifact(pruned)["metrics"].get("map50_voc07"))
+    return row

@@ -1,0 +1,215 @@
+"""`yolocompress bench compress` and `yolocompress bench ablation`: the arms of bench/arms.py
+over the experiment's `bench` section, from the experiment's own baseline and sparse stages
+(run first when missing). Results: runs/<name>/bench/{compress,ablation}.json, a docs/BENCHMARKS.md
+section each (with the command and the machine) and, for compress, an mAP-vs-FLOPs plot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import load_artifact
+from ..benchmarks import BENCHMARKS_MD, machine, write_result
+from ..config import Config
+from ..fileio import atomic_open
+from ..pipeline import run_to_sparse, score_artifact
+from ..plotting import new_figure, save_figure
+from ..train.run import run_dir
+from .arms import ARMS, arm_config, prune_arm, run_arm
+
+__all__ = ["mean_spread", "run_compress", "run_ablation", "COMPRESS_HEADING", "ABLATION_HEADING"]
+
+COMPRESS_HEADING = "## Compression vs peers at equal FLOPs"
+ABLATION_HEADING = "## Ablation: what each part of the method buys"
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half the range): the `mean ± spread` of a handful of seeds."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float((v.max() - v.min()) / 2)
+
+
+def _pm(values: Sequence[float], digits: int = 3) -> str:
+    m, s = mean_spread(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _command(kind: str, config: Config) -> str:
+    args = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name in ("yolocompress", "cli.py") \
+        else ["bench", kind, "--config", str(config.source)]
+    return shlex.join(["yolocompress", *args])
+
+
+def _save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+
+
+def _reference(config: Config, paths: dict, latency_iters: int) -> list[dict]:
+    return [score_artifact(config, stage, paths[stage], latency_iters)
+            for stage in ("baseline", "sparse")]
+
+
+def _group(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def compress_table(rows: Sequence[dict], reference: Sequence[dict]) -> str:
+    """Markdown: one line per (budget, arm), seeds pooled as mean ± spread."""
+    base = reference[0]
+    lines = ["| FLOPs budget | method | FLOPs | params | mAP@0.5 VOC07 pruned | after recovery | "
+             "all-point | CPU ms (b1) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in reference:
+        lines.append(f"| - | {r['stage']} (unpruned) | {r['flops'] / 1e9:.3f}G | "
+                     f"{r['params'] / 1e6:.3f}M | - | {r['map50_voc07']:.3f} | "
+                     f"{r['map50_all']:.3f} | {r['latency_ms_b1'] or float('nan'):.1f} | - |")
+    for (budget, arm), group in _group(rows, "budget", "arm").items():
+        r = group[0]
+        pruned = [g["pruned_map50_voc07"] for g in group if g["pruned_map50_voc07"] is not None]
+        lines.append(
+            f"| -{budget:.0%} | {ARMS[arm].label} | {r['flops'] / 1e9:.3f}G "
+            f"({r['flops'] / base['flops'] - 1:+.1%}) | {r['params'] / 1e6:.3f}M "
+            f"({r['params'] / base['params'] - 1:+.1%}) | {_pm(pruned) if pruned else '-'} | "
+            f"{_pm([g['map50_voc07'] for g in group])} | {_pm([g['map50_all'] for g in group])} | "
+            f"{_pm([g['latency_ms_b1'] for g in group if g['latency_ms_b1']] or [math.nan], 1)} | "
+            f"{len(group)} |")
+    return "\n".join(lines)
+
+
+def plot_compress(rows: Sequence[dict], reference: Sequence[dict], path: Path) -> Path:
+    """mAP@0.5 (VOC07, mean over seeds) vs FLOPs, one line per arm, the unpruned models as points."""
+    fig = new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    for arm, group in _group(rows, "arm").items():
+        pts = sorted((g[0]["flops"] / 1e9, float(np.mean([x["map50_voc07"] for x in g])))
+                     for g in _group(group, "budget").values())
+        ax.plot(*zip(*pts), marker="o", label=ARMS[arm[0]].label)
+    for r in reference:
+        ax.scatter([r["flops"] / 1e9], [r["map50_voc07"]], marker="*", s=120, label=r["stage"])
+    ax.set_xlabel("GFLOPs at the experiment's input size")
+    ax.set_ylabel("mAP@0.5 (VOC07 11-point)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None = BENCHMARKS_MD,
+                 plot_path: Path | None = None) -> dict:
+    """Every arm at every budget and seed of `config.bench`; returns {"reference", "rows"}."""
+    bc = config.bench
+    paths = run_to_sparse(config)
+    root = run_dir(config) / "bench"
+    rows = [run_arm(config, root / f"flops{round(b * 100)}", ARMS[arm], paths["sparse"], b,
+                    seed, latency_iters)
+            for b in bc.budgets for arm in bc.arms for seed in bc.seeds]
+    reference = _reference(config, paths, latency_iters)
+    result = {"experiment": config.name, "reference": reference, "rows": rows}
+    _save_json(root / "compress.json", result)
+    plot_path = plot_path or root / "compress_map_vs_flops.png"
+    plot_compress(rows, reference, plot_path)
+    table = compress_table(rows, reference)
+    print(table)
+    if md_path is not None:
+        notes = (f"`{config.name}` experiment; every arm prunes the same sparse model to the FLOPs "
+                 f"budget, then recovers for {config.distill.epochs or config.train.epochs} "
+                 f"epochs; mAP on the val split; CPU latency median of batch-1 passes, 1 thread")
+        write_result(COMPRESS_HEADING, notes, machine("torch", "torch-pruning"),
+                     f"{table}\n\n![mAP vs FLOPs]({_rel(plot_path, md_path)})", md_path,
+                     command=_command("compress", config))
+    return result
+
+
+def _rel(path: Path, md_path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(md_path).resolve().parent))
+    except ValueError:
+        return str(path)
+
+
+def _sparse_variant(config: Config, root: Path, schedule: str, seed: int, paths: dict,
+                    budget: float, shared: Path) -> dict:
+    """Sparse-train from the baseline with `schedule` and `seed`, prune to `budget` (ours):
+    sparse mAP, share of |gamma| < 1e-2, mAP right after pruning. The experiment's own schedule
+    and seed are its sparse stage, pruned as in the compress benchmark (`shared`)."""
+    from ..compress.sparse_stage import run_sparse
+
+    if schedule == config.sparse.schedule and seed == config.train.seed:
+        sparse = paths["sparse"]
+        pruned = prune_arm(config, shared, "groups", sparse, budget)
+    else:
+        folder = f"sparse-{schedule}-seed{seed}"
+        cfg = arm_config(config, root, folder, seed)
+        cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, schedule=schedule))
+        sparse = run_sparse(cfg, from_artifact=paths["baseline"])
+        pruned = prune_arm(cfg, root / folder, "groups", sparse, budget)
+    art = load_artifact(sparse)
+    return {"sparse_map50_voc07": art["metrics"].get("map50_voc07"),
+            "frac_below_1e-2": art["sparsity"]["stats"]["frac_below_1e-2"],
+            "pruned_map50_voc07": load_artifact(pruned)["metrics"]["map50_voc07"]}
+
+
+def ablation_table(factors: Sequence[dict]) -> str:
+    lines = ["| factor | variant | metric | mean ± spread | per seed |", "|---|---|---|---|---|"]
+    for f in factors:
+        for variant, runs in f["variants"].items():
+            for metric in f["metrics"]:
+                vals = [r[metric] for r in runs]
+                lines.append(f"| {f['factor']} | {variant} | {metric} | {_pm(vals)} | "
+                             + ", ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def run_ablation(config: Config, md_path: Path | None = BENCHMARKS_MD,
+                 latency_iters: int = 0) -> dict:
+    """Dynamic vs constant sparse rate, group vs global threshold, distillation vs plain
+    fine-tuning; each over `bench.ablation_seeds` at `bench.ablation_budget`."""
+    bc = config.bench
+    paths = run_to_sparse(config)
+    budget, seeds = bc.ablation_budget, bc.ablation_seeds
+    root = run_dir(config) / "bench"
+    shared = root / f"flops{round(budget * 100)}"     # the compress benchmark's runs are reused
+
+    def arms(name: str) -> list[dict]:
+        return [run_arm(config, shared, ARMS[name], paths["sparse"], budget, s, latency_iters)
+                for s in seeds]
+
+    def recovered(rows: list[dict]) -> list[dict]:
+        return [{"pruned_map50_voc07": r["pruned_map50_voc07"], "map50_voc07": r["map50_voc07"]}
+                for r in rows]
+
+    factors = [
+        {"factor": "sparse rate", "metrics": ["sparse_map50_voc07", "frac_below_1e-2",
+                                               "pruned_map50_voc07"],
+         "variants": {sched: [_sparse_variant(config, root / "ablation", sched, s, paths,
+                                              budget, shared) for s in seeds]
+                      for sched in ("local_decay", "constant")}},
+        {"factor": "threshold", "metrics": ["pruned_map50_voc07", "map50_voc07"],
+         "variants": {"per group (ours)": recovered(arms("ours_no_distill")),
+                      "one global": recovered(arms("global"))}},
+        {"factor": "recovery", "metrics": ["map50_voc07"],
+         "variants": {"attention distillation": recovered(arms("ours")),
+                      "plain fine-tune": recovered(arms("ours_no_distill"))}},
+    ]
+    result = {"experiment": config.name, "budget": budget, "seeds": list(seeds),
+              "factors": factors}
+    _save_json(root / "ablation.json", result)
+    table = ablation_table(factors)
+    print(table)
+    if md_path is not None:
+        notes = (f"`{config.name}` experiment; FLOPs budget -{budget:.0%}; seeds "
+                 f"{', '.join(map(str, seeds))} (sparse training seed for the sparse-rate factor, "
+                 f"the recovery's seed otherwise); spread = half the range")
+        write_result(ABLATION_HEADING, notes, machine("torch"), table, md_path,
+                     command=_command("ablation", config))
+    return result
