@@ -369,17 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("bench", help="compression benchmark against peers, and the ablation")
-    s.add_argument("suite", choices=["compress", "ablation"],
-                   help="compress: every arm at every FLOPs budget of the `bench` section; "
-                        "ablation: sparse rate, threshold and recovery factors over seeds")
-    s.add_argument("--config", required=True, help="experiment YAML with a `bench` section, e.g. "
-                                                   "cfg/experiments/bench-cpu.yaml")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bench.budgets=[0.5]")
-    s.add_argument("--latency-iters", type=int, default=30,
-                   help="timed batch-1 CPU passes per model (compress; 0: skip)")
-    s.add_argument("--markdown", help="write the results section here (default docs/BENCHMARKS.md)")
-    s.add_argument("--no-write", action="store_true", help="do not touch any BENCHMARKS.md")
-    s.set_defaults(func=cmd_bench)
+    bsub = s.add_subparsers(dest="suite", required=True)
+    for suite, text in (("compress", "every arm at every FLOPs budget of the `bench` section"),
+                        ("ablation", "sparse rate, threshold and recovery factors over seeds")):
+        b = bsub.add_parser(suite, help=text)
+        b.add_argument("--config", required=True, help="experiment YAML with a `bench` section, "
+                                                       "e.g. cfg/experiments/bench-cpu.yaml")
+        b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. bench.budgets=[0.5]")
+        b.add_argument("--latency-iters", type=int, default=30,
+                       help="timed batch-1 CPU passes per model (0: skip)")
+        b.add_argument("--markdown", help="write the results section here "
+                                          "(default docs/BENCHMARKS.md)")
+        b.add_argument("--no-write", action="store_true", help="do not touch any BENCHMARKS.md")
+        b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
     s.add_argument("artifact", nargs="?")
