@@ -12,7 +12,8 @@ import pytest
 from yolocompress.artifacts import file_sha256, load_artifact
 from yolocompress.cli import main
 from yolocompress.config import load_config
-from yolocompress.pipeline import PIPELINE, REPORT_KEYS, format_table, run_pipeline, stage_complete
+from yolocompress.pipeline import (PIPELINE, REPORT_KEYS, adopt_baseline, format_table,
+                                   run_pipeline, run_to_sparse, stage_complete)
 
 from conftest import ROOT, make_mini
 
@@ -83,6 +84,24 @@ def test_finetune_command_is_the_plain_control(mini):
     art = load_artifact(mini / "runs" / "exp" / "finetuned" / "best.pt")
     assert art["stage"] == "finetuned" and art["parent"] == file_sha256(pruned)
     assert art["prune"] == load_artifact(pruned)["prune"] and "distill" not in art
+
+
+def test_shipped_baseline_is_adopted_not_trained(mini, capsys):
+    shipped = mini / "runs" / "exp" / "baseline" / "best.pt"
+    config = load_config(mini / "exp.yaml", ["name=adopt", f"pipeline.baseline={shipped}", *FAST])
+    assert adopt_baseline(config) is not None
+    folder = mini / "runs" / "adopt" / "baseline"
+    assert file_sha256(folder / "best.pt") == file_sha256(shipped)
+    assert json.loads((folder / "metrics.json").read_text())["adopted_from"] == str(shipped)
+    assert not (folder / "train_log.csv").exists() and "adopted" in capsys.readouterr().out
+    assert adopt_baseline(config) is None                      # complete: kept
+    # the sparse stage descends from the shipped file itself
+    paths = run_to_sparse(config)
+    assert load_artifact(paths["sparse"])["parent"] == file_sha256(shipped)
+    bad = load_config(mini / "exp.yaml", ["name=adopt2", "pipeline.baseline="
+                                          + str(mini / "runs" / "exp" / "sparse" / "best.pt")])
+    with pytest.raises(Exception, match="must be a baseline artifact, this one is 'sparse'"):
+        adopt_baseline(bad)
 
 
 def _wait_for(path, proc, timeout=240.0):

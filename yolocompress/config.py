@@ -305,6 +305,14 @@ class DistillConfig(_Section):
         _require(self.kd_temperature > 0, "kd_temperature", "must be > 0", self.kd_temperature)
 
 
+@dataclass(frozen=True)
+class PipelineConfig(_Section):
+    # an artifact `yolocompress pipeline` adopts as this experiment's baseline stage (copied into
+    # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
+    # always trains, which is how a shipped baseline is reproduced.
+    baseline: Optional[str] = field(default=None, metadata=_PATH)
+
+
 BENCH_ARMS = ("ours", "ours_no_distill", "global", "torch_pruning")   # bench/arms.py ARMS
 
 
@@ -344,6 +352,7 @@ class Config(_Section):
     sparse: SparseConfig = field(default_factory=SparseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .models.profile import profile_summary
 from .train.distributed import init_distributed
 from .train.run import run_dir, run_stage, stage_dir
 
-__all__ = ["PIPELINE", "REPORT_KEYS", "run_pipeline", "run_to_sparse", "stage_complete", "score_artifact",
+__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "run_pipeline", "run_to_sparse", "stage_complete", "score_artifact",
            "write_report", "format_table"]
 
 PIPELINE = ("baseline", "sparse", "pruned", "distilled")
@@ -51,9 +52,35 @@ def stage_complete(config: Config, stage: str) -> bool:
     return (folder / "best.pt").is_file() and (folder / "metrics.json").is_file()
 
 
+def adopt_baseline(config: Config, force: bool = False) -> Path | None:
+    """Copy `pipeline.baseline` (an artifact) in as the experiment's complete baseline stage,
+    unless that stage is complete already (`force`: copy anyway); returns the adopted copy, or
+    None if `pipeline.baseline` is not set or the stage was kept."""
+    if config.pipeline.baseline is None or (stage_complete(config, "baseline") and not force):
+        return None
+    src = config.require_file("pipeline.baseline")
+    art = load_artifact(src)
+    if art["stage"] not in ("baseline", "imported"):
+        raise YoloCompressError(f"{src}: pipeline.baseline must be a baseline artifact, this one "
+                                f"is '{art['stage']}'")
+    folder = stage_dir(config, "baseline")
+    folder.mkdir(parents=True, exist_ok=True)
+    best = folder / "best.pt"
+    with open(src, "rb") as f, atomic_open(best, "wb") as out:
+        shutil.copyfileobj(f, out)
+    with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump({"stage": "baseline", "adopted_from": str(src), "sha256": file_sha256(best),
+                   "best": art.get("metrics", {})}, f, indent=2)
+    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train` with "
+          f"this experiment trains it from scratch instead")
+    return best
+
+
 def run_to_sparse(config: Config, force: bool = False) -> dict[str, Path]:
-    """The first two stages (each skipped when complete): {"baseline": path, "sparse": path}."""
-    paths = {"baseline": run_stage(config, "baseline", force=force)}
+    """The first two stages (each skipped when complete; the baseline adopted from
+    `pipeline.baseline` when set): {"baseline": path, "sparse": path}."""
+    adopted = adopt_baseline(config, force)
+    paths = {"baseline": run_stage(config, "baseline", force=force and adopted is None)}
     paths["sparse"] = run_sparse(config, from_artifact=paths["baseline"], force=force)
     return paths
 

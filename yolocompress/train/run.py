@@ -249,7 +249,7 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
 
 def _training_keys(config: dict) -> dict:
     """The parts of an experiment dict that shape a training run (not the benchmark plan)."""
-    return {k: v for k, v in config.items() if k != "bench"}
+    return {k: v for k, v in config.items() if k not in ("bench", "pipeline")}
 
 
 def _maybe_resume(trainer: Trainer, last: Path, config: Config) -> None:
