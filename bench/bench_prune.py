@@ -82,7 +82,7 @@ def latency_rows(name: str, model, pruned, size: int, batches, iters: int, threa
     rows = []
     for b in batches:
         ms = [measure_latency(m, size, b, warmup=max(1, iters // 5), iters=iters,
-                              threads=threads)["ms_median"] for m in (model, pruned)]
+                              threads=threads, fuse_bn=True)["ms_median"] for m in (model, pruned)]
         rows.append({"cfg": name, "batch": b, "threads": threads, "ms": ms,
                      "lat_red": 1 - ms[1] / ms[0], "flops_red": 1 - flops[1] / flops[0]})
     return rows

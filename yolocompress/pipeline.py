@@ -117,7 +117,7 @@ def score_artifact(config: Config, stage: str, path: Path, latency_iters: int = 
     model.cpu()
     prof = profile_summary(model.blocks, size, size)
     lat = (measure_latency(model, size, 1, warmup=max(1, latency_iters // 5), iters=latency_iters,
-                           threads=latency_threads) if latency_iters > 0 else None)
+                           threads=latency_threads, fuse_bn=True) if latency_iters > 0 else None)
     folder = path.parent
     return {
         "stage": stage, "artifact": str(path), "map50_voc07": res["map50_voc07"],

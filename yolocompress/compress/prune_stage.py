@@ -156,7 +156,8 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     other.load_state_dict(prune(blocks, state, keep, compensate=not pc.compensate)[1])
 
     latency = [{"batch": b, **{when: measure_latency(m, size, b, warmup=max(1, latency_iters // 5),
-                                                     iters=latency_iters, threads=latency_threads)
+                                                     iters=latency_iters, threads=latency_threads,
+                                                     fuse_bn=True)
                                for when, m in (("before", model), ("after", pruned))}}
                for b in (latency_batches if latency_iters > 0 else ())]
     device = init_distributed(config.train.device).device

@@ -70,12 +70,15 @@ def _time(run: Callable[[], object], warmup: int, iters: int, sync: Callable[[],
 
 def measure_latency(model: nn.Module, img_size: int | tuple[int, int], batch: int = 1,
                     device: str | torch.device = "cpu", warmup: int = 3, iters: int = 20,
-                    threads: int | None = None, channels: int = 3, seed: int = 0) -> dict:
+                    threads: int | None = None, channels: int = 3, seed: int = 0,
+                    fuse_bn: bool = False) -> dict:
     """{ms_median, ms_mean, ms_min, ms_max, ms_std, ms_p90, ms_per_image, images_per_s, batch,
-    img_size, iters, threads, device, backend} for `model` on a (batch, channels, h, w) input.
+    img_size, iters, threads, device, backend, fused_bn} for `model` on a (batch, channels, h, w)
+    input.
 
     `threads` sets torch's intra-op threads while timing (None: as they are now); it is reported
-    either way. A model not on `device` is timed as a copy moved there."""
+    either way. A model not on `device` is timed as a copy moved there. `fuse_bn` times a copy of
+    a Darknet with BatchNorm folded into the convs, as deployed (Darknet, OpenCV, ONNX Runtime)."""
     h, w = _size(img_size)
     _check(batch, warmup, iters, threads)
     device = torch.device(device)
@@ -83,6 +86,9 @@ def measure_latency(model: nn.Module, img_size: int | tuple[int, int], batch: in
     on_device = param is None or param.device.type == device.type and (
         device.index is None or param.device.index == device.index)
     m = model if on_device else copy.deepcopy(model).to(device)
+    if fuse_bn:
+        from ..models.fuse import fuse_batchnorm
+        m = fuse_batchnorm(m)
     x = torch.rand(batch, channels, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     was_training, old_threads = model.training, torch.get_num_threads()
@@ -97,7 +103,7 @@ def measure_latency(model: nn.Module, img_size: int | tuple[int, int], batch: in
         torch.set_num_threads(old_threads)
         model.train(was_training)
     return {**_stats(times, batch), "batch": batch, "img_size": [h, w], "iters": iters,
-            "threads": used, "device": str(device), "backend": "torch"}
+            "threads": used, "device": str(device), "backend": "torch", "fused_bn": fuse_bn}
 
 
 def measure_latency_onnx(path: str | os.PathLike, img_size: int | tuple[int, int], batch: int = 1,
