@@ -29,6 +29,8 @@ def _seed():
 
 MINI_TRAIN = {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "burn_in": 2,
               "eval_interval": 1, "multi_scale": False}
+# one epoch per stage, on the CPU: for tests that chain stages (pipeline, benchmarks)
+CHAIN_TRAIN = {**MINI_TRAIN, "epochs": 1, "nominal_batch": 4, "device": "cpu"}
 
 
 def make_mini(base: Path, train: dict | None = None) -> Path:

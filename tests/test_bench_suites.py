@@ -11,16 +11,14 @@ from yolocompress.cli import main
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
 
-from conftest import make_mini
+from conftest import CHAIN_TRAIN, make_mini
 
 FAST = ["sparse.epochs=1", "distill.epochs=1", "train.epochs=1"]
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    return make_mini(tmp_path_factory.mktemp("mini"), train={
-        "epochs": 1, "batch_size": 4, "nominal_batch": 4, "lr": 0.001, "burn_in": 2,
-        "eval_interval": 1, "multi_scale": False, "device": "cpu"})
+    return make_mini(tmp_path_factory.mktemp("mini"), train=CHAIN_TRAIN)
 
 
 def test_mean_spread_by_hand():

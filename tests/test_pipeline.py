@@ -15,16 +15,14 @@ from yolocompress.config import load_config
 from yolocompress.pipeline import (PIPELINE, REPORT_KEYS, adopt_baseline, format_table,
                                    run_pipeline, run_to_sparse, stage_complete)
 
-from conftest import ROOT, make_mini
+from conftest import CHAIN_TRAIN, ROOT, make_mini
 
 FAST = ["sparse.epochs=1", "distill.epochs=1", "prune.percents=[0.5]"]
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    return make_mini(tmp_path_factory.mktemp("mini"), train={
-        "epochs": 1, "batch_size": 4, "nominal_batch": 4, "lr": 0.001, "burn_in": 2,
-        "eval_interval": 1, "multi_scale": False, "device": "cpu"})
+    return make_mini(tmp_path_factory.mktemp("mini"), train=CHAIN_TRAIN)
 
 
 def test_pipeline_chains_stages_and_reports(mini, capsys):
@@ -117,9 +115,7 @@ def _wait_for(path, proc, timeout=240.0):
 
 
 def test_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path, capsys):
-    base = make_mini(tmp_path, train={"epochs": 1, "batch_size": 4, "nominal_batch": 4,
-                                      "lr": 0.001, "burn_in": 2, "eval_interval": 1,
-                                      "multi_scale": False, "device": "cpu"})
+    base = make_mini(tmp_path, train=CHAIN_TRAIN)
     args = ["--config", str(base / "exp.yaml"), "--latency-iters", "0", "sparse.epochs=3",
             "distill.epochs=1", "prune.percents=[0.5]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
