@@ -66,10 +66,11 @@ def test_pipeline_chains_stages_and_reports(mini, capsys):
 def test_stage_budget_overrides_train_epochs(mini):
     best = load_artifact(mini / "runs" / "exp" / "sparse" / "best.pt")
     assert best["config"]["train"]["epochs"] == 1 and best["config"]["sparse"]["epochs"] == 1
-    cfg = load_config(mini / "exp.yaml", ["distill.epochs=3", "distill.lr=0.01"])
+    cfg = load_config(mini / "exp.yaml", ["distill.epochs=3", "distill.lr=0.01",
+                                          "distill.optimizer=sgd"])
     from yolocompress.train.run import with_stage_budget
     staged = with_stage_budget(cfg, cfg.distill)
-    assert (staged.train.epochs, staged.train.lr) == (3, 0.01)
+    assert (staged.train.epochs, staged.train.lr, staged.train.optimizer) == (3, 0.01, "sgd")
     assert with_stage_budget(cfg, cfg.sparse) is cfg
     with pytest.raises(Exception, match="epochs: must be >= 1 or null"):
         load_config(mini / "exp.yaml", ["sparse.epochs=0"])

@@ -210,6 +210,7 @@ class SparseConfig(_Section):
     schedule: Literal["local_decay", "constant", "step", "cosine", "linear", "target"] = "local_decay"
     epochs: Optional[int] = None          # this stage's epochs; null = train.epochs
     lr: Optional[float] = None            # this stage's lr; null = train.lr
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None  # null = train.optimizer
     s: float = 1e-3                       # base L1 rate on BN gammas; 1e-4 is safer from COCO weights
     switch_at: float = 0.4                # local_decay: after this fraction of the epochs, protect ...
     protect: float = 0.35                 # local_decay: ... this share of largest |gamma| (global rank)
@@ -287,10 +288,11 @@ class DistillConfig(_Section):
     fg_mask: bool = False                 # compare attention inside ground-truth boxes only
     output_kd: float = 0.0                # weight of the objectness/class logit term "kd"; 0 = off
     kd_temperature: float = 1.0           # temperature of that term (T^2-scaled binary KL)
-    # this stage's epochs and lr (also those of the plain fine-tune it is compared with); null =
-    # train.epochs / train.lr
+    # this stage's epochs, lr and optimizer (also those of the plain fine-tune it is compared
+    # with); null = train.epochs / train.lr / train.optimizer
     epochs: Optional[int] = None
     lr: Optional[float] = None
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
 
     def _validate(self) -> None:
         _check_stage_budget(self)

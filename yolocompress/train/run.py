@@ -148,9 +148,10 @@ def _augment(config: Config, letterbox: bool) -> AugmentConfig:
 
 
 def with_stage_budget(config: Config, section: Any) -> Config:
-    """`config` with train.epochs / train.lr replaced by a stage section's own `epochs` / `lr`
-    (`config.sparse`, `config.distill`) where those are set."""
-    changes = {k: getattr(section, k) for k in ("epochs", "lr") if getattr(section, k) is not None}
+    """`config` with train.epochs / lr / optimizer replaced by a stage section's own (`config.sparse`,
+    `config.distill`) where those are set."""
+    changes = {k: getattr(section, k) for k in ("epochs", "lr", "optimizer")
+               if getattr(section, k) is not None}
     if not changes:
         return config
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
