@@ -364,6 +364,12 @@ def test_sparse_command_end_to_end(mini, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and float(rows[0]["sparse/s"]) == 0.01     # epoch 1: before the switch
     assert float(rows[1]["sparse/s"]) == pytest.approx(0.01 * (1 - 0.35 * 0.99), rel=1e-2)
+    # TensorBoard: the |γ| histogram of each epoch, over every penalised channel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    hists = events.Histograms("sparse/gamma_abs")
+    assert [h.step for h in hists] == [1, 2]
+    assert hists[-1].histogram_value.num == len(gammas)
     capsys.readouterr()
     assert main(args) == 0                                             # complete: not run again
     assert "is complete, skipping" in capsys.readouterr().out

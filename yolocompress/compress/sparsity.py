@@ -380,6 +380,7 @@ class SparsityHook(HookBase):
             q = torch.quantile(sel, torch.tensor([0.1, 0.5, 0.9])).tolist()
             stats.update({f"s{stride}/q10": q[0], f"s{stride}/q50": q[1], f"s{stride}/q90": q[2]})
         t.storage.update({f"sparse/{k}": v for k, v in stats.items()})
+        t.storage["hist/sparse/gamma_abs"] = g      # TensorBoard histogram (LoggerHook)
         self.record["stats"] = {"epoch": t.epoch + 1, **stats}
         self.hist_epochs.append(t.epoch + 1)
         self.hist_counts.append(_histogram(g))

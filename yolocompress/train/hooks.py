@@ -202,8 +202,9 @@ def _is_scalar(v: Any) -> bool:
 
 class LoggerHook(HookBase):
     """Per-epoch CSV (`epoch, iter` then every scalar in trainer.storage: `train/<term>` epoch means,
-    lr, images_per_s, data_wait_share, metrics), TensorBoard scalars when
-    `torch.utils.tensorboard` imports, and the training-curve PNG at the end. Runs before
+    lr, images_per_s, data_wait_share, metrics), TensorBoard scalars (and histograms of the tensors
+    stored under `hist/<name>`) when `torch.utils.tensorboard` imports, and the training-curve PNG
+    at the end. Runs before
     CheckpointHook, so the rows saved in last.pt include the epoch just finished."""
 
     priority = 70
@@ -241,6 +242,9 @@ class LoggerHook(HookBase):
             for k, v in row.items():
                 if k not in ("epoch", "iter"):
                     self._writer.add_scalar(k, v, row["epoch"])
+            for k, v in t.storage.items():   # e.g. a stage's "hist/..." value distributions
+                if k.startswith("hist/") and torch.is_tensor(v):
+                    self._writer.add_histogram(k[5:], v.detach().float().cpu(), row["epoch"])
             self._writer.flush()
 
     def after_train(self) -> None:
