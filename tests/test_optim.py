@@ -125,3 +125,18 @@ def test_schedule_sets_each_group_lr_before_every_optimizer_step():
         assert lrs == pytest.approx([0.1 * f, 0.05 * f, 0.1 * f])
     assert [round(sched.factor(i + 1, 10), 6) for i in range(10)] == \
         [0.0625, 0.25, 0.5625, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_lr_mult_moves_parameters_to_their_own_group():
+    model = conv_bn_model()
+    opt = build_optimizer(model, "adamw", lr=0.01, weight_decay=5e-4,
+                          lr_mult=([model[1].weight, model[0].weight], 10.0))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    # the BN weight was the "bn" group's only member: that group is gone, not left empty
+    assert set(by_name) == {"decay", "decay_lr_x10", "bn_lr_x10", "bias"}
+    assert by_name["bn_lr_x10"]["params"] == [model[1].weight]
+    assert by_name["decay_lr_x10"]["params"] == [model[0].weight]
+    assert by_name["decay"]["params"] == [model[3].weight]
+    assert by_name["bn_lr_x10"]["lr"] == pytest.approx(0.1) and by_name["decay"]["lr"] == 0.01
+    assert (by_name["decay_lr_x10"]["weight_decay"], by_name["bn_lr_x10"]["weight_decay"]) == (5e-4, 0.0)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 5

@@ -374,6 +374,14 @@ def test_sparse_command_end_to_end(mini, capsys):
     assert main(args) == 0                                             # complete: not run again
     assert "is complete, skipping" in capsys.readouterr().out
 
+    # sparse.gamma_lr_mult: the penalised gammas train in a group of their own at lr x m
+    assert main([*args, "name=boost", "sparse.gamma_lr_mult=10", "sparse.epochs=1"]) == 0
+    opt = load_artifact(mini / "runs" / "boost" / "sparse" / "last.pt",
+                        check=False)["train_state"]["optimizer"]
+    groups = {g["name"]: g for g in opt["param_groups"]}
+    assert len(groups["bn_lr_x10"]["params"]) == len(layers)
+    assert groups["bn_lr_x10"]["initial_lr"] == pytest.approx(10 * groups["bn"]["initial_lr"])
+
 
 def test_sparse_command_errors(mini, capsys):
     exp = str(mini / "exp.yaml")

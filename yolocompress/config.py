@@ -223,6 +223,9 @@ class SparseConfig(_Section):
     target_threshold: float = 0.01        # target: ... this |gamma|
     target_epoch: Optional[int] = None    # target: epoch by which to reach it; None = the last
     include_excluded: bool = False        # penalise every BN conv, not only the prunable ones
+    # lr multiplier of the penalised gammas. Under Adam the L1 term moves a gamma by at most
+    # ~lr per step whatever s is, so a short stage needs a faster gamma lr to reach ~0
+    gamma_lr_mult: float = 1.0
     # keep train.ema in this stage: off by default, since an EMA of the weights lags the gammas the
     # penalty drives to zero, and the EMA is what gets saved and later pruned
     ema: bool = False
@@ -230,6 +233,7 @@ class SparseConfig(_Section):
     def _validate(self) -> None:
         _check_stage_budget(self)
         _require(self.s > 0, "s", "must be > 0", self.s)
+        _require(self.gamma_lr_mult > 0, "gamma_lr_mult", "must be > 0", self.gamma_lr_mult)
         for name in ("switch_at", "warmup"):
             _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
         for name in ("protect", "decay", "final_ratio"):

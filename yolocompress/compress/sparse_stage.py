@@ -56,5 +56,7 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
                                 f"conv with batch_normalize to sparse-train")
     hook = SparsityHook(layers, schedule, plot_path=stage_dir(config, "sparse") / HIST_PNG)
     # run_stage unpacks `extra` at every save, so each artifact holds the hook's record as of then
+    mult = config.sparse.gamma_lr_mult
+    lr_mult = ([model.layers[i].bn.weight for i in layers], mult) if mult != 1.0 else None
     return run_stage(config, "sparse", model=model, parent=parent, hooks=[hook],
-                     extra={"sparsity": hook.record}, force=force, data=data)
+                     extra={"sparsity": hook.record}, force=force, data=data, lr_mult=lr_mult)

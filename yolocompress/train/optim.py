@@ -8,6 +8,7 @@ decay: Darknet decays conv weights only. SGD uses classic momentum (nesterov off
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -39,15 +40,28 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.0013, momentum: float = 0.949,
-                    weight_decay: float = 0.0005) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over `param_groups(model)`; decay applies to the "decay" group only."""
+                    weight_decay: float = 0.0005,
+                    lr_mult: tuple[Sequence[nn.Parameter], float] | None = None
+                    ) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over `param_groups(model)`; decay applies to the "decay" group only.
+    `lr_mult` = (parameters, m): those parameters leave their group for a group of their own,
+    "<group>_lr_x<m>", with lr * m and their group's decay (the LR schedule scales it alike)."""
     if name not in OPTIMIZERS:
         raise YoloCompressError(f"unknown optimizer '{name}' (one of {', '.join(OPTIMIZERS)})")
     if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
         raise YoloCompressError(f"optimizer needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; "
                                 f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
-    groups = [{"params": params, "name": key, "weight_decay": weight_decay if key == "decay" else 0.0}
-              for key, params in param_groups(model).items() if params]
+    boosted, mult = ({id(p) for p in lr_mult[0]}, lr_mult[1]) if lr_mult else (set(), 1.0)
+    groups = []
+    for key, params in param_groups(model).items():
+        decay = weight_decay if key == "decay" else 0.0
+        plain = [p for p in params if id(p) not in boosted]
+        extra = [p for p in params if id(p) in boosted]
+        if plain:
+            groups.append({"params": plain, "name": key, "weight_decay": decay, "lr": lr})
+        if extra:
+            groups.append({"params": extra, "name": f"{key}_lr_x{mult:g}", "weight_decay": decay,
+                           "lr": lr * mult})
     if not groups:
         raise YoloCompressError("the model has no trainable parameters")
     if name == "sgd":

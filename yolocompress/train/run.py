@@ -170,8 +170,10 @@ def stage_dir(config: Config, stage: str) -> Path:
 def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
               parent: dict | None = None, hooks: Sequence[HookBase] = (),
               criterion_wrapper: Callable | None = None, extra: dict | None = None,
-              force: bool = False, data: DataSplits | None = None) -> Path:
-    """Train one stage; returns the path of its best.pt. See the module docstring for resume."""
+              force: bool = False, data: DataSplits | None = None,
+              lr_mult: tuple[Sequence[nn.Parameter], float] | None = None) -> Path:
+    """Train one stage; returns the path of its best.pt. See the module docstring for resume.
+    `lr_mult` = (parameters of `model`, m): those train at m times the lr (build_optimizer)."""
     out_dir = stage_dir(config, stage)
     best = out_dir / "best.pt"
     if not force and best.is_file() and (out_dir / "metrics.json").is_file():
@@ -184,13 +186,13 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
         if model is None:
             model, parent = initial_model(config, names)
         return _train(config, stage, model, parent, data, dist, out_dir, hooks,
-                      criterion_wrapper, extra or {}, force)
+                      criterion_wrapper, extra or {}, force, lr_mult)
     finally:
         cleanup()
 
 
 def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
-           force):
+           force, lr_mult):
     tc, names = config.train, data.names
     img = config.model.img_size
     letterbox = uses_letterbox(config, model)
@@ -205,7 +207,8 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     criterion = detection_criterion(loss)
     if criterion_wrapper is not None:
         criterion = criterion_wrapper(criterion)
-    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay)
+    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay,
+                                lr_mult=lr_mult)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
     lineage = list(parent.get("lineage", [])) + [
         {"stage": parent["stage"], "sha256": parent["sha256"], "path": parent["path"]}] \

@@ -1,0 +1,30 @@
+"""The shipped demo baseline is what `yolocompress train --config cfg/experiments/demo.yaml`
+trains: same model, data, recipe and augmentation (paths and the output folder aside)."""
+from pathlib import Path
+
+from yolocompress.artifacts import load_artifact
+from yolocompress.config import load_config
+from yolocompress.data.synthetic import DEMO_CLASSES
+
+from conftest import ROOT
+
+DEMO = ROOT / "cfg" / "experiments" / "demo.yaml"
+
+
+def _recipe(config: dict) -> dict:
+    """The parts of an experiment dict that decide what baseline training produces."""
+    out = {k: config[k] for k in ("train", "augment", "eval")}
+    out["train"] = {k: v for k, v in out["train"].items() if k != "out_dir"}
+    out["model"] = {**config["model"], "cfg": Path(config["model"]["cfg"]).name}
+    out["data"] = {**config["data"], "descriptor": Path(config["data"]["descriptor"]).name}
+    return out
+
+
+def test_shipped_baseline_matches_the_demo_experiment():
+    config = load_config(DEMO)
+    shipped = config.require_file("pipeline.baseline")
+    art = load_artifact(shipped)                     # format, cfg and state_dict checks
+    assert art["stage"] == "baseline" and art["classes"] == list(DEMO_CLASSES)
+    assert art["input_size"] == [config.model.img_size] * 2
+    assert _recipe(art["config"]) == _recipe(config.to_dict())
+    assert art["metrics"]["map50_voc07"] > 0.3       # a trained model, not an initialisation
