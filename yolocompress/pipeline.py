@@ -159,7 +159,8 @@ def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
 
 def _markdown(config: Config, rows: Sequence[dict]) -> str:
     out = [f"# {config.name}: compression report", "",
-           f"Experiment `{config.source}`; mAP on the val split of `{config.data.descriptor}` at "
+           f"Experiment `{config.source}`; mAP on the val split of "
+           f"`{config.require_file('data.descriptor')}` at "
            f"{config.model.img_size}x{config.model.img_size}; CPU latency is the median of "
            f"batch-1 forward passes with {rows[0].get('latency_threads')} thread(s); changes are "
            "relative to the baseline.", "", format_table(rows, markdown=True), ""]
