@@ -52,6 +52,9 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert COMPRESS_HEADING in text and "## Other\n\nkept" in text
     assert "yolocompress bench compress" in text and "Torch-Pruning" in text
     assert (bench / "compress_map_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    # the plot the markdown shows sits beside it, linked relatively
+    assert (tmp_path / "exp-compress_map_vs_flops.png").is_file()
+    assert "![mAP vs FLOPs](exp-compress_map_vs_flops.png)" in text
 
     # re-running reuses every finished piece
     shas = {arm: file_sha256(r["artifact"]) for arm, r in rows.items()}

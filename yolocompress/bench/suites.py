@@ -118,6 +118,9 @@ def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None =
     _save_json(root / "compress.json", result)
     plot_path = plot_path or root / "compress_map_vs_flops.png"
     plot_compress(rows, reference, plot_path)
+    if md_path is not None:         # the markdown's plot lives beside it (runs/ is not shipped)
+        plot_path = plot_compress(rows, reference, Path(md_path).parent / f"{config.name}-"
+                                  "compress_map_vs_flops.png")
     table = compress_table(rows, reference)
     print(table)
     if md_path is not None:
