@@ -13,7 +13,7 @@ from pathlib import Path
 from yolocompress.benchmarks import machine, write_result
 from yolocompress.data.dataset import DetectionDataset, build_loader
 from yolocompress.data.formats import read_split
-from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_YEAR, ensure_demo
+from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_VERSION, DEMO_YEAR, ensure_demo
 from yolocompress.data.transforms import AugmentConfig
 
 SECTION = "## Data loading"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table[-1], flush=True)
     print("\n".join(table))
     if args.write:
-        write_result(SECTION, f"demo set v1 train split, {len(records)} images of 256x256, "
+        write_result(SECTION, f"demo set v{DEMO_VERSION} train split, {len(records)} images of 256x256, "
                      f"{args.img_size} px input, batch {args.batch_size}; fastest of {args.repeat} runs "
                      f"of {args.batches} batches, each after 2 warm-up batches, files in the page "
                      f"cache; uint8 batches, no pinning",
