@@ -31,13 +31,13 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     md.write_text("# Benchmarks\n\n## Other\n\nkept\n")
     args = ["bench", "compress", "--config", str(mini / "exp.yaml"), "--latency-iters", "1",
             "--markdown", str(md), *FAST, "bench.budgets=[0.5]",
-            "bench.arms=[ours,ours_no_distill,global,torch_pruning]"]
+            "bench.arms=[ours,ours_no_distill,ours_search,global,torch_pruning]"]
     assert main(args) == 0
     bench = mini / "runs" / "exp" / "bench"
     result = json.loads((bench / "compress.json").read_text())
     base, sparse = result["reference"]
     rows = {r["arm"]: r for r in result["rows"]}
-    assert set(rows) == {"ours", "ours_no_distill", "global", "torch_pruning"}
+    assert set(rows) == {"ours", "ours_no_distill", "ours_search", "global", "torch_pruning"}
     for arm, r in rows.items():
         assert 1 - r["flops"] / base["flops"] == pytest.approx(0.5, abs=0.011), arm
         assert r["budget"] == 0.5 and r["seed"] == 0 and r["pruned_map50_voc07"] is not None
@@ -48,6 +48,11 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert rows["ours"]["parent"] == rows["ours_no_distill"]["parent"]
     assert load_artifact(bench / "flops50" / "global" / "pruned" / "best.pt")["prune"][
         "percents"].keys() == {"all"}
+    # the search arm starts from 0 % in every group; the plain arm from the method's percents
+    search = load_artifact(bench / "flops50" / "groups_search" / "pruned" / "best.pt")["prune"]
+    assert search["settings"]["grouping"] == "groups" and search["budget"]["method"] == "greedy"
+    assert search["percents"] != load_artifact(
+        bench / "flops50" / "groups" / "pruned" / "best.pt")["prune"]["percents"]
     text = md.read_text()
     assert COMPRESS_HEADING in text and "## Other\n\nkept" in text
     assert "yolocompress bench compress" in text and "Torch-Pruning" in text

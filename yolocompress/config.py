@@ -319,7 +319,7 @@ class PipelineConfig(_Section):
     baseline: Optional[str] = field(default=None, metadata=_PATH)
 
 
-BENCH_ARMS = ("ours", "ours_no_distill", "global", "torch_pruning")   # bench/arms.py ARMS
+BENCH_ARMS = ("ours", "ours_no_distill", "ours_search", "global", "torch_pruning")  # arms.py
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ class Arm:
 ARMS = {a.name: a for a in (
     Arm("ours", "groups", "distill", "ours: group thresholds + attention distillation"),
     Arm("ours_no_distill", "groups", "finetune", "ours without distillation (plain fine-tune)"),
+    Arm("ours_search", "groups_search", "distill",
+        "ours, group percents searched from 0 (greedy, importance per FLOP) + distillation"),
     Arm("global", "global", "finetune", "one global threshold + fine-tune (network slimming)"),
     Arm("torch_pruning", "torch_pruning", "finetune",
         "Torch-Pruning, BN-scale importance, global + fine-tune"),
@@ -87,13 +89,17 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
     if pruning == "torch_pruning":
         _tp_prune_artifact(cfg, sparse, budget, out)
         return out
-    if pruning not in ("groups", "global"):
-        raise YoloCompressError(f"unknown pruning method '{pruning}' (groups, global, "
-                                f"torch_pruning)")
-    pc = dataclasses.replace(cfg.prune, grouping=pruning, budget_target="flops",
-                             budget_ratio=budget,
-                             budget_method="greedy" if pruning == "groups" else "scale",
-                             percents=cfg.prune.percents if pruning == "groups" else (0.5,))
+    # groups: the configured (the method's hand-set) group percents scaled to the budget;
+    # groups_search: the greedy search from 0 %; global: one threshold, bisected
+    settings = {"groups": ("groups", "greedy", cfg.prune.percents),
+                "groups_search": ("groups", "greedy", (0.0,)),
+                "global": ("global", "scale", (0.5,))}
+    if pruning not in settings:
+        raise YoloCompressError(f"unknown pruning method '{pruning}' (groups, groups_search, "
+                                f"global, torch_pruning)")
+    grouping, method, percents = settings[pruning]
+    pc = dataclasses.replace(cfg.prune, grouping=grouping, budget_target="flops",
+                             budget_ratio=budget, budget_method=method, percents=percents)
     run_prune(dataclasses.replace(cfg, prune=pc), from_artifact=sparse, out=out,
               latency_iters=0)
     return out
