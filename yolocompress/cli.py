@@ -271,6 +271,15 @@ def _print_eval(res: dict) -> None:
     print(f"mAP ({res['metric']}): {res['map']:.4f}   [{extras}]")
 
 
+def _stage_command(sub, name: str, help_: str, config_help: str, example: str):
+    """A training-stage sub-command: --config, dotted overrides, --force."""
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("--config", required=True, help=config_help)
+    s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yolocompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,19 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo descriptor (default: data/demo.yaml)")
     d.set_defaults(func=cmd_data_demo)
 
-    s = sub.add_parser("train", help="train a detector (the baseline) from an experiment YAML")
-    s.add_argument("--config", required=True, help="experiment YAML, e.g. cfg/experiments/demo.yaml")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
-    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
+    s = _stage_command(sub, "train", "train a detector (the baseline) from an experiment YAML",
+                       "experiment YAML, e.g. cfg/experiments/demo.yaml", "train.epochs=5")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sparse", help="stage 1: sparse training of the prunable BN gammas (L1)")
-    s.add_argument("--config", required=True, help="experiment YAML (its `sparse` section)")
+    s = _stage_command(sub, "sparse", "stage 1: sparse training of the prunable BN gammas (L1)",
+                       "experiment YAML (its `sparse` section)", "sparse.s=1e-4")
     s.add_argument("--from", dest="from_artifact", metavar="ARTIFACT",
                    help="start from this artifact, e.g. runs/<name>/baseline/best.pt "
                         "(default: model.weights)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparse.s=1e-4")
-    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_sparse)
 
     s = sub.add_parser("prune", help="stage 2: group channel pruning of a sparse-trained artifact")
@@ -342,19 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prune.budget_target=flops")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("distill", help="stage 3: spatial-attention distillation into a pruned model")
-    s.add_argument("--config", required=True, help="experiment YAML (its `distill` section)")
+    s = _stage_command(sub, "distill", "stage 3: spatial-attention distillation into a pruned "
+                       "model", "experiment YAML (its `distill` section)", "distill.fg_mask=true")
     s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
     s.add_argument("--teacher", help="teacher artifact (default: the student's parent, the sparse model)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.fg_mask=true")
-    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_distill)
 
-    s = sub.add_parser("finetune", help="plain fine-tuning of a pruned model (distillation's control)")
-    s.add_argument("--config", required=True, help="experiment YAML (distill.epochs / distill.lr)")
+    s = _stage_command(sub, "finetune", "plain fine-tuning of a pruned model (distillation's "
+                       "control)", "experiment YAML (distill.epochs / distill.lr)",
+                       "distill.epochs=10")
     s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.epochs=10")
-    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill, then the report")

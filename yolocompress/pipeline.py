@@ -29,7 +29,7 @@ from .models.profile import profile_summary
 from .train.distributed import init_distributed
 from .train.run import run_dir, run_stage, stage_dir
 
-__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "run_pipeline", "run_to_sparse", "stage_complete", "score_artifact",
+__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "run_pipeline", "run_to_sparse", "stage_complete", "score_artifact",
            "write_report", "format_table"]
 
 PIPELINE = ("baseline", "sparse", "pruned", "distilled")
@@ -45,11 +45,15 @@ STAGE_PLOTS = {
 }
 
 
+def artifact_complete(path: Path) -> bool:
+    """A stage's artifact is complete when it and the metrics.json beside it both exist
+    (metrics.json is written last, so a crash in between leaves the stage incomplete)."""
+    return path.is_file() and (path.parent / "metrics.json").is_file()
+
+
 def stage_complete(config: Config, stage: str) -> bool:
-    """A stage is complete when its best.pt and metrics.json both exist (metrics.json is written
-    last, after the artifact, so a crash in between leaves the stage incomplete)."""
-    folder = stage_dir(config, stage)
-    return (folder / "best.pt").is_file() and (folder / "metrics.json").is_file()
+    """Whether runs/<name>/<stage>/best.pt is complete (`artifact_complete`)."""
+    return artifact_complete(stage_dir(config, stage) / "best.pt")
 
 
 def adopt_baseline(config: Config, force: bool = False) -> Path | None:

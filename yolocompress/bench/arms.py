@@ -19,7 +19,7 @@ from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
 from ..fileio import atomic_open
 from ..models.profile import profile_summary
-from ..pipeline import score_artifact
+from ..pipeline import artifact_complete, score_artifact
 from ..train.run import config_evaluator
 
 __all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm"]
@@ -52,10 +52,6 @@ def arm_config(config: Config, root: Path, folder: str, seed: int | None = None)
     return dataclasses.replace(config, name=folder, train=train)
 
 
-def _complete(path: Path) -> bool:
-    return path.is_file() and (path.parent / "metrics.json").is_file()
-
-
 def _tp_prune_artifact(config: Config, sparse: Path, budget: float, out: Path) -> None:
     from ..compress.tp_baseline import tp_prune
 
@@ -83,7 +79,7 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
     """The sparse model pruned by `pruning` to remove `budget` of its FLOPs, in
     <root>/<pruning>/pruned/best.pt (reused when complete)."""
     out = root / pruning / "pruned" / "best.pt"
-    if _complete(out):
+    if artifact_complete(out):
         return out
     cfg = arm_config(config, root, pruning)
     if pruning == "torch_pruning":

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,11 +117,12 @@ def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None =
     reference = _reference(config, paths, latency_iters)
     result = {"experiment": config.name, "reference": reference, "rows": rows}
     _save_json(root / "compress.json", result)
-    plot_path = plot_path or root / "compress_map_vs_flops.png"
-    plot_compress(rows, reference, plot_path)
+    plot_path = plot_compress(rows, reference, plot_path or root / "compress_map_vs_flops.png")
     if md_path is not None:         # the markdown's plot lives beside it (runs/ is not shipped)
-        plot_path = plot_compress(rows, reference, Path(md_path).parent / f"{config.name}-"
-                                  "compress_map_vs_flops.png")
+        beside = Path(md_path).parent / f"{config.name}-compress_map_vs_flops.png"
+        with open(plot_path, "rb") as src, atomic_open(beside, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plot_path = beside
     table = compress_table(rows, reference)
     print(table)
     if md_path is not None:
