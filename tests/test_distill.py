@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from yolocompress.compress.distill import (DEFAULT_BETAS, DistillCriterion, DistillLogHook,
-                                           at_loss, attention_map, box_mask,
+                                           at_loss, attention_map, batch_statistics, box_mask,
                                            default_distill_layers, logit_kd, match_layers,
                                            ref_positions, resolve_layers)
 from yolocompress.compress.prune import make_masks, prune
@@ -273,6 +273,38 @@ def test_one_student_forward_frozen_eval_teacher_and_gradients(pair):
     assert student.layers[10].conv.weight.grad.abs().sum() > 0
 
 
+def test_batch_statistics_normalises_with_the_batch_and_keeps_the_running_stats(pair):
+    teacher = copy.deepcopy(pair[0]).eval()
+    stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
+    x = _images(4)
+    reference = copy.deepcopy(teacher).train()      # plain train mode: batch statistics
+    with torch.no_grad():
+        want = reference(x, features=["conv46"])[1]["conv46"]
+        with batch_statistics(teacher):
+            got = teacher(x, features=["conv46"])[1]["conv46"]
+        stored = teacher(x, features=["conv46"])[1]["conv46"]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(stored, want, atol=1e-3)      # the running stats differ here
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stats.items())
+    bns = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training and m.track_running_stats for m in bns)   # restored
+
+
+def test_teacher_bn_batch_compares_a_training_student_in_the_same_regime(pair):
+    teacher = copy.deepcopy(pair[0])
+    names = _names(teacher)
+    batch = (_images(4), _targets(4), None)
+    same = copy.deepcopy(teacher).train()           # the student as it trains: batch statistics
+    stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        eval_at = _criterion(teacher, names)(same, batch)["at"].item()
+        batch_at = _criterion(teacher, names, teacher_bn="batch")(same, batch)["at"].item()
+    assert batch_at == pytest.approx(0.0, abs=1e-6)
+    assert eval_at > 1e-3                          # the BN-regime gap "eval" makes it learn
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stats.items())
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+
+
 def test_fg_mask_restricts_attention_to_boxes(pair):
     teacher, student = pair
     names = _names(student)
@@ -345,7 +377,8 @@ def test_criterion_rejects_bad_settings(pair):
                     (dict(layers=["conv10"], betas=[1.0, 2.0]), "1 layers but 2 betas"),
                     (dict(layers=["conv10"], betas=[1.0], p=0), "p must be > 0"),
                     (dict(layers=["conv10"], betas=[1.0], output_kd=-1.0), "output_kd"),
-                    (dict(layers=["conv10"], betas=[1.0], kd_temperature=0), "kd_temperature")]:
+                    (dict(layers=["conv10"], betas=[1.0], kd_temperature=0), "kd_temperature"),
+                    (dict(layers=["conv10"], betas=[1.0], teacher_bn="train"), "teacher_bn")]:
         with pytest.raises(YoloCompressError, match=msg):
             DistillCriterion(det, teacher, **kw)
 
@@ -417,7 +450,7 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
         "data": {"descriptor": "demo.yaml", "workers": 0},
         "train": {"epochs": 1, "batch_size": 4, "nominal_batch": 4, "burn_in": 1,
                   "eval_interval": 1, "multi_scale": False, "out_dir": str(tmp_path / "runs")},
-        "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5}}))
+        "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch"}}))
     t_path, s_path = tmp_path / "sparse.pt", tmp_path / "pruned.pt"
     sha = save_artifact(artifact_from_model(teacher, "sparse", names), t_path)
     save_artifact(artifact_from_model(student, "pruned", names, parent=sha, prune={"version": 1},
@@ -427,6 +460,7 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
     assert best["stage"] == "distilled" and best["parent"] == file_sha256(s_path)
     assert best["prune"] == {"version": 1} and best["lineage"][-1]["stage"] == "pruned"
     record = best["distill"]
+    assert record["teacher_bn"] == "batch"
     assert record["teacher"]["sha256"] == sha               # the default teacher: the parent
     assert [(x["name"], x["beta"]) for x in record["layers"]] == [("conv46", 1e6),
                                                                  ("conv100", 1e4)]

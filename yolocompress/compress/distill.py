@@ -15,7 +15,8 @@ does not jump with multi-scale training).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,12 +30,15 @@ from ..models.roles import LayerInfo, describe_layers
 from ..train.distributed import unwrap
 from ..train.engine import HookBase
 
-__all__ = ["REF_SIZE", "DEFAULT_BETAS", "attention_map", "at_loss", "ref_positions", "box_mask",
-           "rule_beta", "default_distill_layers", "resolve_layers", "match_layers", "logit_kd",
-           "DistillCriterion", "DistillLogHook"]
+__all__ = ["REF_SIZE", "DEFAULT_BETAS", "TEACHER_BN", "attention_map", "at_loss", "ref_positions",
+           "box_mask", "rule_beta", "default_distill_layers", "resolve_layers", "match_layers", "logit_kd",
+           "batch_statistics", "DistillCriterion", "DistillLogHook"]
 
 REF_SIZE = 416                    # input side at which the betas apply to the per-position mean
 DEFAULT_BETAS = (1e6, 1e4, 1e3)   # backbone; neck+head at stride < 32; neck+head at stride >= 32
+# how the teacher's BatchNorm normalises: with its stored running statistics ("eval", the
+# method's frozen teacher) or, like the training student, with the batch's own ("batch")
+TEACHER_BN = ("eval", "batch")
 
 
 def attention_map(f: Tensor, p: float = 2.0, mask: Tensor | None = None) -> Tensor:
@@ -206,6 +210,23 @@ def logit_kd(student_heads: Sequence[Tensor], teacher_heads: Sequence[Tensor], s
 
 # ---- the criterion -------------------------------------------------------------------------
 
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm of `model` normalises with the batch's statistics and
+    leaves its running statistics untouched; its modes are restored on exit."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in bns]
+    for m in bns:
+        m.train()
+        m.track_running_stats = False      # train mode without running stats: no update
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(bns, saved):
+            m.train(training)
+            m.track_running_stats = track
+
+
 class _Replay:
     """Stands in for the student inside the wrapped detection criterion: calling it on the batch
     images returns the head outputs of the forward already run, so the student runs once."""
@@ -226,7 +247,8 @@ class _Replay:
 class DistillCriterion:
     """criterion(model, batch) -> the wrapped criterion's terms + "at" (+ "kd" when output_kd).
 
-    One step: the teacher (eval mode, no grad, frozen, moved to the batch's device) and the
+    One step: the teacher (eval mode, no grad, frozen, moved to the batch's device; with
+    teacher_bn="batch" its BatchNorms use the batch's statistics, as the student's do) and the
     student (`model`, possibly DDP-wrapped; one forward with `features=layers`) both run on the
     batch images; the wrapped criterion gets the student's head outputs through a stand-in
     model; "at" = sum_l beta_l * at_loss(F_s, F_t, p, mask, ref_positions(stride_l)) in float32.
@@ -238,7 +260,7 @@ class DistillCriterion:
     def __init__(self, criterion: Callable[[nn.Module, Sequence[Any]], dict], teacher: Darknet,
                  layers: Sequence[str], betas: Sequence[float], *, p: float = 2.0,
                  fg_mask: bool = False, output_kd: float | None = None,
-                 kd_temperature: float = 1.0) -> None:
+                 kd_temperature: float = 1.0, teacher_bn: str = "eval") -> None:
         if not layers:
             raise YoloCompressError("distill: no layers to distill")
         if len(betas) != len(layers):
@@ -253,6 +275,10 @@ class DistillCriterion:
             raise YoloCompressError(f"distill: output_kd must be >= 0 or None, got {output_kd}")
         if kd_temperature <= 0:
             raise YoloCompressError(f"distill: kd_temperature must be > 0, got {kd_temperature}")
+        if teacher_bn not in TEACHER_BN:
+            raise YoloCompressError(f"distill: teacher_bn must be one of {list(TEACHER_BN)}, got "
+                                    f"{teacher_bn!r}")
+        self.teacher_bn = teacher_bn
         self.criterion, self.teacher = criterion, teacher
         self.layers, self.betas = list(layers), [float(b) for b in betas]
         self.p, self.fg_mask = float(p), bool(fg_mask)
@@ -287,7 +313,8 @@ class DistillCriterion:
         if next(teacher.parameters()).device != images.device:
             teacher.to(images.device)
         teacher.eval()                       # whatever train() calls reached it
-        with torch.no_grad():
+        stats = batch_statistics(teacher) if self.teacher_bn == "batch" else nullcontext()
+        with torch.no_grad(), stats:
             t_heads, t_feats = teacher(images, features=self.layers)
         heads, feats = model(images, features=self.layers)
         terms = dict(self.criterion(_Replay(model, images, heads), batch))
