@@ -228,7 +228,7 @@ def test_identical_student_gives_zero_and_pruned_student_positive(pair):
     teacher, student = pair
     names = _names(student)
     batch = (_images(4), _targets(4), None)
-    same = copy.deepcopy(teacher).eval()
+    same = copy.deepcopy(teacher).train()       # as a student trains: BN on batch statistics
     terms = _criterion(teacher, names, output_kd=1.0)(same, batch)
     assert terms["at"].item() == pytest.approx(0.0, abs=1e-6)
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-3)
@@ -290,15 +290,15 @@ def test_batch_statistics_normalises_with_the_batch_and_keeps_the_running_stats(
     assert bns and all(not m.training and m.track_running_stats for m in bns)   # restored
 
 
-def test_teacher_bn_batch_compares_a_training_student_in_the_same_regime(pair):
+def test_default_batch_teacher_compares_a_training_student_in_the_same_regime(pair):
     teacher = copy.deepcopy(pair[0])
     names = _names(teacher)
     batch = (_images(4), _targets(4), None)
     same = copy.deepcopy(teacher).train()           # the student as it trains: batch statistics
     stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
     with torch.no_grad():
-        eval_at = _criterion(teacher, names)(same, batch)["at"].item()
-        batch_at = _criterion(teacher, names, teacher_bn="batch")(same, batch)["at"].item()
+        eval_at = _criterion(teacher, names, teacher_bn="eval")(same, batch)["at"].item()
+        batch_at = _criterion(teacher, names)(same, batch)["at"].item()     # the default
     assert batch_at == pytest.approx(0.0, abs=1e-6)
     assert eval_at > 1e-3                          # the BN-regime gap "eval" makes it learn
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stats.items())

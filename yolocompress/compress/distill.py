@@ -36,8 +36,8 @@ __all__ = ["REF_SIZE", "DEFAULT_BETAS", "TEACHER_BN", "attention_map", "at_loss"
 
 REF_SIZE = 416                    # input side at which the betas apply to the per-position mean
 DEFAULT_BETAS = (1e6, 1e4, 1e3)   # backbone; neck+head at stride < 32; neck+head at stride >= 32
-# how the teacher's BatchNorm normalises: with its stored running statistics ("eval", the
-# method's frozen teacher) or, like the training student, with the batch's own ("batch")
+# how the teacher's BatchNorm normalises: like the training student, with the batch's own
+# statistics ("batch"), or with its stored running statistics ("eval", the authors' choice)
 TEACHER_BN = ("eval", "batch")
 
 
@@ -260,7 +260,7 @@ class DistillCriterion:
     def __init__(self, criterion: Callable[[nn.Module, Sequence[Any]], dict], teacher: Darknet,
                  layers: Sequence[str], betas: Sequence[float], *, p: float = 2.0,
                  fg_mask: bool = False, output_kd: float | None = None,
-                 kd_temperature: float = 1.0, teacher_bn: str = "eval") -> None:
+                 kd_temperature: float = 1.0, teacher_bn: str = "batch") -> None:
         if not layers:
             raise YoloCompressError("distill: no layers to distill")
         if len(betas) != len(layers):
