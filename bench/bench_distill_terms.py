@@ -42,6 +42,11 @@ def _grad_norms(loss: torch.Tensor, weights: dict[str, list[torch.Tensor]]) -> d
     return out
 
 
+def _shown(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "cfg/experiments/demo.yaml"))
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         top = max(crit.last_layer_terms.items(), key=lambda kv: float(kv[1]))
         with torch.no_grad():
             twin = float(crit(copy.deepcopy(teacher).train(), batch)["at"])
-        rows.append((mode, float(det), float(terms["at"]), top[0], float(top[1]), twin,
+        rows.append((mode, det.item(), terms["at"].item(), top[0], float(top[1]), twin,
                      [g_at[p] / g_det[p] if g_det[p] else float("nan") for p in PARTS]))
 
     table = ["| teacher_bn | detection loss | AT (sum of beta-weighted layers) | largest layer | "
@@ -92,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
               + " | ".join(f"{r:.2g}" for r in rs) + " |" for m, d, a, n, v, t, rs in rows]
     print("\n".join(table))
     if args.write:
-        write_result(SECTION, f"{Path(args.config).name}: teacher {Path(args.teacher).name} "
+        write_result(SECTION, f"{Path(args.config).name}: teacher {_shown(args.teacher)} "
                      f"(stage {load_artifact(args.teacher)['stage']}), student "
-                     f"{Path(args.student).name}, {len(names)} layers, the student in train mode "
+                     f"{_shown(args.student)}, {len(names)} layers, the student in train mode "
                      f"on {args.images} training images at {config.model.img_size} px",
                      machine("torch"), "\n".join(table))
 
