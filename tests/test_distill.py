@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from yolocompress.compress.distill import (DEFAULT_BETAS, DistillCriterion, DistillLogHook,
                                            at_loss, attention_map, batch_statistics, box_mask,
+                                           bounded_box_kd,
                                            default_distill_layers, logit_kd, match_layers,
                                            ref_positions, resolve_layers)
 from yolocompress.compress.prune import make_masks, prune
@@ -305,6 +306,44 @@ def test_default_batch_teacher_compares_a_training_student_in_the_same_regime(pa
     assert not teacher.training and all(not m.training for m in teacher.modules())
 
 
+def test_bounded_box_kd_is_the_box_loss_where_the_student_is_worse(pair):
+    teacher = pair[0]
+    x, targets, size = _images(4), _targets(4), (SIZE, SIZE)
+    with torch.no_grad():
+        clean = teacher(x, features=["conv10"])[0]
+    g = torch.Generator().manual_seed(5)
+    noisy = [h + 0.5 * torch.randn(h.shape, generator=g) for h in clean]
+    specs = teacher.heads
+    assert all(h.iou_loss == "ciou" and h.iou_normalizer == 0.07 for h in specs)
+    # margin 10: every pair counts, so it is the detection loss's CIoU box term without its gain
+    box = YoloLoss(specs)(clean, targets, size)["box"].item()
+    assert bounded_box_kd(clean, clean, specs, targets, size, margin=10.0).item() == \
+        pytest.approx(box / 0.07, rel=1e-4)
+    assert bounded_box_kd(clean, clean, specs, targets, size).item() == 0.0    # not worse
+    # margin 0: a pair counts for whichever side is worse, so the two directions split the pairs
+    sum_clean = bounded_box_kd(clean, noisy, specs, targets, size, margin=10.0).item()
+    sum_noisy = bounded_box_kd(noisy, clean, specs, targets, size, margin=10.0).item()
+    both = (bounded_box_kd(clean, noisy, specs, targets, size).item()
+            + bounded_box_kd(noisy, clean, specs, targets, size).item())
+    assert max(sum_clean, sum_noisy) <= both + 1e-4 and both <= sum_clean + sum_noisy + 1e-4
+    assert 0 < bounded_box_kd(noisy, clean, specs, targets, size).item() < sum_noisy + 1e-4
+    # gradients reach the student's outputs only
+    student_out = [h.clone().requires_grad_(True) for h in noisy]
+    bounded_box_kd(student_out, clean, specs, targets, size).backward()
+    assert any(h.grad is not None and h.grad.abs().sum() > 0 for h in student_out)
+
+
+def test_criterion_box_kd_term(pair):
+    teacher, student = pair
+    names = _names(student)
+    batch = (_images(2), _targets(2), None)
+    student.eval()
+    terms = _criterion(teacher, names, box_kd=2.0, box_kd_margin=10.0)(student, batch)
+    assert terms["box_kd"].item() > 0
+    assert terms["loss"].item() == pytest.approx(sum(terms[k].item() for k in terms
+                                                     if k != "loss"), rel=1e-5)
+
+
 def test_fg_mask_restricts_attention_to_boxes(pair):
     teacher, student = pair
     names = _names(student)
@@ -378,7 +417,8 @@ def test_criterion_rejects_bad_settings(pair):
                     (dict(layers=["conv10"], betas=[1.0], p=0), "p must be > 0"),
                     (dict(layers=["conv10"], betas=[1.0], output_kd=-1.0), "output_kd"),
                     (dict(layers=["conv10"], betas=[1.0], kd_temperature=0), "kd_temperature"),
-                    (dict(layers=["conv10"], betas=[1.0], teacher_bn="train"), "teacher_bn")]:
+                    (dict(layers=["conv10"], betas=[1.0], teacher_bn="train"), "teacher_bn"),
+                    (dict(layers=["conv10"], betas=[1.0], box_kd=-1.0), "box_kd")]:
         with pytest.raises(YoloCompressError, match=msg):
             DistillCriterion(det, teacher, **kw)
 
@@ -450,7 +490,8 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
         "data": {"descriptor": "demo.yaml", "workers": 0},
         "train": {"epochs": 1, "batch_size": 4, "nominal_batch": 4, "burn_in": 1,
                   "eval_interval": 1, "multi_scale": False, "out_dir": str(tmp_path / "runs")},
-        "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch"}}))
+        "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch",
+                    "box_kd": 1.0}}))
     t_path, s_path = tmp_path / "sparse.pt", tmp_path / "pruned.pt"
     sha = save_artifact(artifact_from_model(teacher, "sparse", names), t_path)
     save_artifact(artifact_from_model(student, "pruned", names, parent=sha, prune={"version": 1},
@@ -460,12 +501,13 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
     assert best["stage"] == "distilled" and best["parent"] == file_sha256(s_path)
     assert best["prune"] == {"version": 1} and best["lineage"][-1]["stage"] == "pruned"
     record = best["distill"]
-    assert record["teacher_bn"] == "batch"
+    assert record["teacher_bn"] == "batch" and record["box_kd"] == 1.0
     assert record["teacher"]["sha256"] == sha               # the default teacher: the parent
     assert [(x["name"], x["beta"]) for x in record["layers"]] == [("conv46", 1e6),
                                                                  ("conv100", 1e4)]
     log = (tmp_path / "runs" / "exp" / "distilled" / "train_log.csv").read_text()
-    assert all(k in log.splitlines()[0] for k in ("train/at", "train/kd", "at/conv46"))
+    assert all(k in log.splitlines()[0] for k in ("train/at", "train/kd", "train/box_kd",
+                                                  "at/conv46"))
     save_artifact(artifact_from_model(teacher, "sparse", names, metrics={"x": 1.0}), t_path)
     with pytest.raises(YoloCompressError, match="changed since the student was pruned"):
         run_distill(load_config(tmp_path / "exp.yaml"), s_path, force=True)

@@ -292,6 +292,8 @@ class DistillConfig(_Section):
     fg_mask: bool = False                 # compare attention inside ground-truth boxes only
     output_kd: float = 0.0                # weight of the objectness/class logit term "kd"; 0 = off
     kd_temperature: float = 1.0           # temperature of that term (T^2-scaled binary KL)
+    box_kd: float = 0.0                   # weight of the teacher-bounded box term "box_kd"; 0 = off
+    box_kd_margin: float = 0.0            # it counts where student 1-IoU + margin > teacher's
     # the teacher's BatchNorm: "batch" = the batch's statistics, the regime of the training
     # student's BN, so an identical student has zero loss; "eval" = its running statistics (the
     # authors' eval-mode teacher; on the demo that regime gap alone is 2/3 of the AT term)
@@ -309,7 +311,7 @@ class DistillConfig(_Section):
         _require(not self.betas or len(self.betas) == len(self.layers), "betas",
                  f"must be empty or one per layer ({len(self.layers)})", list(self.betas))
         _require(all(b >= 0 for b in self.betas), "betas", "must be >= 0", list(self.betas))
-        for name in ("beta_backbone", "beta_neck", "beta_deep", "output_kd"):
+        for name in ("beta_backbone", "beta_neck", "beta_deep", "output_kd", "box_kd"):
             _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _require(self.p > 0, "p", "must be > 0", self.p)
         _require(self.kd_temperature > 0, "kd_temperature", "must be > 0", self.kd_temperature)

@@ -1,6 +1,7 @@
 """Stage 3, spatial attention distilling: attention maps of a teacher and its channel-pruned student
 at named layers, the AT loss, the method's layer choice by role, and `DistillCriterion`, which adds
-"at" = sum_l beta_l * AT_l (and optionally a logit term "kd") to the student's detection loss.
+"at" = sum_l beta_l * AT_l (and optionally a logit term "kd" and a teacher-bounded box term
+"box_kd") to the student's detection loss.
 
 Attention map (attention transfer, Zagoruyko & Komodakis): Q(F) = vec(mean_c |F_c|^p) / ||.||_2,
 one unit vector per image over the H*W positions, so channel counts may differ.
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,12 +29,15 @@ from ..errors import YoloCompressError
 from ..models.cfg import Block, input_layers
 from ..models.darknet import Darknet
 from ..models.roles import LayerInfo, describe_layers
+from ..models.yolo import decode_head
+from ..train.box_ops import IOU_KINDS, bbox_iou, xyxy_to_xywh
 from ..train.distributed import unwrap
 from ..train.engine import HookBase
+from ..train.loss import assign_targets, prepare_targets
 
 __all__ = ["REF_SIZE", "DEFAULT_BETAS", "TEACHER_BN", "attention_map", "at_loss", "ref_positions",
            "box_mask", "rule_beta", "default_distill_layers", "resolve_layers", "match_layers", "logit_kd",
-           "batch_statistics", "DistillCriterion", "DistillLogHook"]
+           "bounded_box_kd", "batch_statistics", "DistillCriterion", "DistillLogHook"]
 
 REF_SIZE = 416                    # input side at which the betas apply to the per-position mean
 DEFAULT_BETAS = (1e6, 1e4, 1e3)   # backbone; neck+head at stride < 32; neck+head at stride >= 32
@@ -208,6 +213,33 @@ def logit_kd(student_heads: Sequence[Tensor], teacher_heads: Sequence[Tensor], s
     return total * temperature ** 2 / student_heads[0].shape[0]
 
 
+def bounded_box_kd(student_heads: Sequence[Tensor], teacher_heads: Sequence[Tensor], specs,
+                   targets: Tensor, img_size: tuple[int, int], margin: float = 0.0) -> Tensor:
+    """Teacher-bounded box regression (Chen et al., NeurIPS 2017) on the detection loss's own
+    (GT, prediction) pairs (Darknet's assignment): the student's 1 - IoU(box, GT) counts where it
+    exceeds the teacher's minus `margin` (l_s + margin > l_t), else 0, so the teacher bounds the
+    term instead of being a target. IoU of each head's iou_loss kind (plain IoU for mse heads);
+    summed over pairs, divided by the batch size."""
+    batch = student_heads[0].shape[0]
+    total = student_heads[0].new_zeros((), dtype=torch.float32)
+    gts = prepare_targets(targets.to(student_heads[0].device) if torch.is_tensor(targets)
+                          else targets, batch, specs[0].classes, img_size)
+    for zs, zt, spec, asg in zip(student_heads, teacher_heads, specs,
+                                 assign_targets(gts, specs, img_size)):
+        if not len(asg.gt):
+            continue
+        h, w = zs.shape[-2:]
+        rows = (asg.anchor * h + asg.gy) * w + asg.gx          # decode_head's row order
+        bs = decode_head(zs.float(), spec, img_size)[asg.batch, rows, :4]
+        bt = decode_head(zt.detach().float(), spec, img_size)[asg.batch, rows, :4]
+        gt = xyxy_to_xywh(gts[asg.gt, 2:])
+        kind = spec.iou_loss if spec.iou_loss in IOU_KINDS else "iou"
+        ls = 1 - bbox_iou(bs, gt, kind, fmt="xywh")
+        lt = 1 - bbox_iou(bt, gt, kind, fmt="xywh")
+        total = total + torch.where(ls + margin > lt, ls, torch.zeros_like(ls)).sum()
+    return total / batch
+
+
 # ---- the criterion -------------------------------------------------------------------------
 
 @contextmanager
@@ -260,7 +292,8 @@ class DistillCriterion:
     def __init__(self, criterion: Callable[[nn.Module, Sequence[Any]], dict], teacher: Darknet,
                  layers: Sequence[str], betas: Sequence[float], *, p: float = 2.0,
                  fg_mask: bool = False, output_kd: float | None = None,
-                 kd_temperature: float = 1.0, teacher_bn: str = "batch") -> None:
+                 kd_temperature: float = 1.0, teacher_bn: str = "batch",
+                 box_kd: float = 0.0, box_kd_margin: float = 0.0) -> None:
         if not layers:
             raise YoloCompressError("distill: no layers to distill")
         if len(betas) != len(layers):
@@ -275,10 +308,13 @@ class DistillCriterion:
             raise YoloCompressError(f"distill: output_kd must be >= 0 or None, got {output_kd}")
         if kd_temperature <= 0:
             raise YoloCompressError(f"distill: kd_temperature must be > 0, got {kd_temperature}")
+        if box_kd < 0:
+            raise YoloCompressError(f"distill: box_kd must be >= 0, got {box_kd}")
         if teacher_bn not in TEACHER_BN:
             raise YoloCompressError(f"distill: teacher_bn must be one of {list(TEACHER_BN)}, got "
                                     f"{teacher_bn!r}")
         self.teacher_bn = teacher_bn
+        self.box_kd, self.box_kd_margin = float(box_kd), float(box_kd_margin)
         self.criterion, self.teacher = criterion, teacher
         self.layers, self.betas = list(layers), [float(b) for b in betas]
         self.p, self.fg_mask = float(p), bool(fg_mask)
@@ -297,12 +333,13 @@ class DistillCriterion:
                                     f"{type(student).__name__}")
         infos = match_layers(self.teacher, student, self.layers)
         self._positions = [ref_positions(i.stride) for i in infos]
-        if self.output_kd:
-            layout = [[(h.classes, h.mask, h.new_coords) for h in m.heads]
+        if self.output_kd or self.box_kd:
+            layout = [[(h.classes, h.mask, h.new_coords, np.asarray(h.anchors).tolist())
+                       for h in m.heads]
                       for m in (self.teacher, student)]
             if layout[0] != layout[1]:
-                raise YoloCompressError("distill: output_kd needs teacher and student heads with "
-                                        "the same classes, anchor masks and coordinates")
+                raise YoloCompressError("distill: output_kd / box_kd need teacher and student heads "
+                                        "with the same classes, anchors and coordinates")
         self._checked = id(student)
 
     def __call__(self, model: nn.Module, batch: Sequence[Any]) -> dict[str, Tensor]:
@@ -334,6 +371,10 @@ class DistillCriterion:
         if self.output_kd:
             terms["kd"] = self.output_kd * logit_kd(heads, t_heads, student.heads,
                                                     self.kd_temperature)
+        if self.box_kd:
+            terms["box_kd"] = self.box_kd * bounded_box_kd(
+                heads, t_heads, student.heads, targets, tuple(images.shape[-2:]),
+                self.box_kd_margin)
         terms["loss"] = torch.stack([v.reshape(()).float() for v in terms.values()]).sum()
         self.last_layer_terms = {k: v.detach() for k, v in per_layer.items()}
         return terms

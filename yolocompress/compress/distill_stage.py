@@ -4,8 +4,8 @@ with a `DistillCriterion` around the detection loss and a `DistillLogHook`.
 
 The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
-sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, teacher_bn,
-ref_size}.
+sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd, box_kd_margin,
+teacher_bn, ref_size}.
 
 `run_finetune` is the control it is measured against: the same student, epochs and lr
 (`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
@@ -93,7 +93,8 @@ def run_distill(config: Config, student_artifact: str | os.PathLike,
         "layers": [{"name": n, "beta": b, "stride": i.stride, "part": i.part}
                    for (n, b), i in zip(layers, infos)],
         "p": dc.p, "fg_mask": dc.fg_mask, "output_kd": dc.output_kd,
-        "kd_temperature": dc.kd_temperature, "teacher_bn": dc.teacher_bn, "ref_size": REF_SIZE,
+        "kd_temperature": dc.kd_temperature, "box_kd": dc.box_kd,
+        "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "ref_size": REF_SIZE,
     }
     extra = {"distill": record}
     if student_art.get("prune") is not None:
@@ -102,7 +103,8 @@ def run_distill(config: Config, student_artifact: str | os.PathLike,
     def wrap(criterion):
         return DistillCriterion(criterion, teacher, names, [b for _, b in layers], p=dc.p,
                                 fg_mask=dc.fg_mask, output_kd=dc.output_kd,
-                                kd_temperature=dc.kd_temperature, teacher_bn=dc.teacher_bn)
+                                kd_temperature=dc.kd_temperature, teacher_bn=dc.teacher_bn,
+                                box_kd=dc.box_kd, box_kd_margin=dc.box_kd_margin)
 
     return run_stage(config, "distilled", model=student, parent=student_art,
                      hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra, force=force,
