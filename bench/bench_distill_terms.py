@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from yolocompress.benchmarks import machine, write_result
 from yolocompress.compress.distill import TEACHER_BN, DistillCriterion, resolve_layers
 from yolocompress.config import load_config
 from yolocompress.data.dataset import DetectionDataset, build_loader
+from yolocompress.errors import YoloCompressError
 from yolocompress.train.loss import YoloLoss
 from yolocompress.train.run import detection_criterion, load_data
 
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config = load_config(args.config)
     dc = config.distill
-    teacher = build_model(load_artifact(args.teacher), source=args.teacher)
+    teacher_art = load_artifact(args.teacher)
+    teacher = build_model(teacher_art, source=args.teacher)
     student = build_model(load_artifact(args.student), source=args.student).train()
     layers = resolve_layers(student.blocks, dc.layers, dc.betas,
                             (dc.beta_backbone, dc.beta_neck, dc.beta_deep))
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         crit = DistillCriterion(detection_criterion(YoloLoss(student.heads)), teacher, names,
                                 betas, p=dc.p, fg_mask=dc.fg_mask, teacher_bn=mode)
         terms = crit(student, batch)
-        det = torch.stack([v for k, v in terms.items() if k not in ("at", "kd", "loss")]).sum()
+        det = terms["loss"] - terms["at"]          # the criterion built here adds no other term
         g_det, g_at = _grad_norms(det, weights), _grad_norms(terms["at"], weights)
         student.load_state_dict(state)      # undo the train-mode forward's running-stat update
         top = max(crit.last_layer_terms.items(), key=lambda kv: float(kv[1]))
@@ -98,11 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table))
     if args.write:
         write_result(SECTION, f"{Path(args.config).name}: teacher {_shown(args.teacher)} "
-                     f"(stage {load_artifact(args.teacher)['stage']}), student "
+                     f"(stage {teacher_art['stage']}), student "
                      f"{_shown(args.student)}, {len(names)} layers, the student in train mode "
                      f"on {args.images} training images at {config.model.img_size} px",
                      machine("torch"), "\n".join(table))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except YoloCompressError as e:            # e.g. no runs/demo artifacts yet: one line, no trace
+        sys.exit(f"error: {e}")

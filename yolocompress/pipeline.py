@@ -29,8 +29,8 @@ from .models.profile import profile_summary
 from .train.distributed import init_distributed
 from .train.run import run_dir, run_stage, stage_dir
 
-__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "run_pipeline", "run_to_sparse", "stage_complete", "score_artifact",
-           "write_report", "format_table"]
+__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "run_pipeline",
+           "run_to_sparse", "stage_complete", "score_artifact", "write_report", "format_table"]
 
 PIPELINE = ("baseline", "sparse", "pruned", "distilled")
 REPORT_KEYS = ("stage", "artifact", "map50_voc07", "map50_all", "params", "flops",

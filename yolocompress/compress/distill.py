@@ -277,7 +277,8 @@ class _Replay:
 
 
 class DistillCriterion:
-    """criterion(model, batch) -> the wrapped criterion's terms + "at" (+ "kd" when output_kd).
+    """criterion(model, batch) -> the wrapped criterion's terms + "at" (+ "kd" when output_kd,
+    + "box_kd" when box_kd).
 
     One step: the teacher (eval mode, no grad, frozen, moved to the batch's device; with
     teacher_bn="batch" its BatchNorms use the batch's statistics, as the student's do) and the

@@ -4,8 +4,8 @@ with a `DistillCriterion` around the detection loss and a `DistillLogHook`.
 
 The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
-sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd, box_kd_margin,
-teacher_bn, ref_size}.
+sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
+box_kd_margin, teacher_bn, ref_size}.
 
 `run_finetune` is the control it is measured against: the same student, epochs and lr
 (`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
