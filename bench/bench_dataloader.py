@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from yolocompress.benchmarks import machine, write_result
+from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.data.dataset import DetectionDataset, build_loader
 from yolocompress.data.formats import read_split
 from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_VERSION, DEMO_YEAR, ensure_demo
@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
 from yolocompress.artifacts import build_model, load_artifact
-from yolocompress.benchmarks import machine, write_result
+from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.compress.distill import TEACHER_BN, DistillCriterion, resolve_layers
 from yolocompress.config import load_config
 from yolocompress.data.dataset import DetectionDataset, build_loader
-from yolocompress.errors import YoloCompressError
 from yolocompress.train.loss import YoloLoss
 from yolocompress.train.run import detection_criterion, load_data
 
@@ -108,7 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except YoloCompressError as e:            # e.g. no runs/demo artifacts yet: one line, no trace
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 
-from yolocompress.benchmarks import machine, write_result
+from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.data.records import Record
 from yolocompress.eval.coco import COCOEvaluator
 from yolocompress.eval.detections import Detections
@@ -92,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

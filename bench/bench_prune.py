@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from yolocompress.artifacts import load_artifact
-from yolocompress.benchmarks import machine, write_section
+from yolocompress.benchmarks import machine, run_script, write_section
 from yolocompress.compress.groups import group_layers
 from yolocompress.compress.prune import make_masks, prune
 from yolocompress.config import PruneConfig, load_config
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides for the --sparse run")
     ap.add_argument("--write", action="store_true", help=f"write to docs/BENCHMARKS.md ({SECTION})")
     args = ap.parse_args(argv)
+    if args.sparse:                     # bad input fails now, not after minutes of timing
+        load_config(args.config, args.overrides)
+        load_artifact(args.sparse, check=False)
 
     timing, latency = [], []
     for cfg, size in ((ROOT / "cfg/models/yolov4.cfg", 416),
@@ -186,4 +189,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from yolocompress.benchmarks import machine, write_result
+from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.compress.sparse_stage import penalised_layers
 from yolocompress.compress.sparsity import SparsityHook, build_schedule
 from yolocompress.config import load_config
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

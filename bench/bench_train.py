@@ -11,7 +11,7 @@ import csv
 import tempfile
 from pathlib import Path
 
-from yolocompress.benchmarks import machine, write_result
+from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.config import load_config
 from yolocompress.train.run import load_data, run_stage
 
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,10 +7,12 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
+from .errors import YoloCompressError
 from .fileio import atomic_open
 
-__all__ = ["machine", "write_section", "write_result", "BENCHMARKS_MD"]
+__all__ = ["machine", "write_section", "write_result", "run_script", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -57,3 +59,16 @@ def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
            else old.rstrip("\n") + "\n\n" + text)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(new.rstrip("\n") + "\n")
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a bench script's `main` the way the CLI runs a command: bad input (a missing artifact,
+    a broken config) ends it with one `error: ...` line and exit status 2, not a traceback."""
+    try:
+        main()
+    except YoloCompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""yolocompress.benchmarks: BENCHMARKS.md sections and the bench scripts' error handling."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from yolocompress.benchmarks import run_script, write_section
+from yolocompress.errors import YoloCompressError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nkeep b\n")
+    write_section(md, "## A", "## A\n\nnew a\n")
+    write_section(md, "## C", "## C\n\nc\n")
+    assert md.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nkeep b\n\n## C\n\nc\n"
+
+
+def test_run_script_turns_bad_input_into_one_line_and_status_2(capsys):
+    def main():
+        raise YoloCompressError("x.pt: no such artifact file")
+
+    with pytest.raises(SystemExit) as e:
+        run_script(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: x.pt: no such artifact file\n"
+
+
+def test_run_script_leaves_bugs_as_tracebacks():
+    def main():
+        raise KeyError("a bug, not bad input")
+
+    with pytest.raises(KeyError):
+        run_script(main)
+
+
+@pytest.mark.parametrize("args", [["--sparse", "missing.pt"],
+                                  ["--sparse", "missing.pt", "--config", "missing.yaml"]])
+def test_bench_prune_rejects_bad_input_before_timing(tmp_path, args):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_prune.py"), *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: missing.")
