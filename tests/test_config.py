@@ -295,7 +295,7 @@ def test_dump_yaml_round_trip(exp, tmp_path, monkeypatch):
         dump_yaml(c, tmp_path / "a-file" / "dir.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo", "voc-yolov4", "wildlife-yolov4"])
+@pytest.mark.parametrize("name", ["demo", "demo-converged", "voc-yolov4", "wildlife-yolov4"])
 def test_shipped_experiments_validate(name):
     c = load_config(EXPERIMENTS / f"{name}.yaml")
     assert c.name == name
@@ -306,6 +306,13 @@ def test_shipped_experiment_recipes():
     demo = load_config(EXPERIMENTS / "demo.yaml")
     assert Path(demo.cfg_path).name == "yolov4-nano.cfg" and demo.model.img_size == 256
     assert demo.train.nominal_batch == demo.train.batch_size == 16
+    # demo-converged: demo.yaml's recipe continued from the shipped baseline at half the lr
+    conv = load_config(EXPERIMENTS / "demo-converged.yaml")
+    assert conv.weights_path == demo.resolve_path(demo.pipeline.baseline)
+    assert conv.pipeline.baseline is None and conv.train.lr == demo.train.lr / 2
+    assert replace(conv.train, lr=demo.train.lr) == demo.train
+    assert (conv.sparse, conv.prune, conv.distill, conv.augment) == \
+        (demo.sparse, demo.prune, demo.distill, demo.augment)
     voc = load_config(EXPERIMENTS / "voc-yolov4.yaml")
     t = voc.train
     assert (t.lr, t.momentum, t.weight_decay, t.burn_in) == (0.0013, 0.949, 0.0005, 1000)
