@@ -101,9 +101,8 @@ def _latency_table(rows) -> list[str]:
     return out
 
 
-def _stage1(path: str) -> str:
+def _stage1(art: dict) -> str:
     """How sparse the source is, from its stage-1 record (if it has one)."""
-    art = load_artifact(path, check=False)
     rec = art.get("sparsity")
     if not rec:
         return "no stage-1 record"
@@ -114,18 +113,17 @@ def _stage1(path: str) -> str:
             f"mean |gamma| {stats.get('l1', nan):.3f}")
 
 
-def demo(args) -> list[str]:
+def demo(args, config, sparse_art: dict) -> list[str]:
     """Run `yolocompress prune` on the sparse artifact; its numbers as markdown lines."""
     from yolocompress.compress.prune_stage import run_prune
 
-    config = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run_prune(config, args.sparse, Path(tmp) / "pruned.pt", latency_iters=args.iters,
                   latency_batches=(1, 8), latency_threads=args.threads)
         m = json.loads((Path(tmp) / "metrics.json").read_text())
     b, a, key = m["before"], m["after"], m["metric_key"]
     comp = m["compensation"]
-    lines = [f"Demo: `{args.sparse}` ({m['source_stage']}; {_stage1(args.sparse)}), "
+    lines = [f"Demo: `{args.sparse}` ({m['source_stage']}; {_stage1(sparse_art)}), "
              f"{Path(args.config).name} at {m['img_size']} px, prune settings {m['settings']}; "
              f"pruning took {m['seconds']['masks'] + m['seconds']['prune']:.2f} s.", "",
              f"| params | BFLOPs | {key} before | after (compensated) | after (not compensated) |",
@@ -152,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write", action="store_true", help=f"write to docs/BENCHMARKS.md ({SECTION})")
     args = ap.parse_args(argv)
     if args.sparse:                     # bad input fails now, not after minutes of timing
-        load_config(args.config, args.overrides)
-        load_artifact(args.sparse, check=False)
+        config = load_config(args.config, args.overrides)
+        sparse_art = load_artifact(args.sparse, check=False)
 
     timing, latency = [], []
     for cfg, size in ((ROOT / "cfg/models/yolov4.cfg", 416),
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['build']:.3f} | {r['params'][0] / 1e6:.2f} M -> {r['params'][1] / 1e6:.2f} M "
               f"({_red(r['params'])} less) | {r['flops'][0] / 1e9:.2f} -> "
               f"{r['flops'][1] / 1e9:.2f} ({_red(r['flops'])} less) |" for r in timing]
-    demo_lines = demo(args) if args.sparse else [
+    demo_lines = demo(args, config, sparse_art) if args.sparse else [
         "Demo: pending: no sparse demo artifact was given. Run `yolocompress train` and "
         "`yolocompress sparse` with cfg/experiments/demo.yaml, then `python bench/bench_prune.py "
         "--sparse runs/demo/sparse/best.pt --write`."]

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -335,7 +334,7 @@ class DistillCriterion:
         infos = match_layers(self.teacher, student, self.layers)
         self._positions = [ref_positions(i.stride) for i in infos]
         if self.output_kd or self.box_kd:
-            layout = [[(h.classes, h.mask, h.new_coords, np.asarray(h.anchors).tolist())
+            layout = [[(h.classes, h.mask, h.new_coords, h.anchors.tolist())
                        for h in m.heads]
                       for m in (self.teacher, student)]
             if layout[0] != layout[1]:
