@@ -67,8 +67,13 @@ NET = "[net]\nwidth=32\nheight=32\n"
 
 
 def test_unknown_section_names_file_and_line(tmp_path):
+    msg = _error(NET + "\n[blur]\nsize=3\n", tmp_path)
+    assert "bad.cfg:5" in msg and "unknown section [blur]" in msg
+
+
+def test_unsupported_darknet_section_says_so(tmp_path):
     msg = _error(NET + "\n[crop]\nsize=3\n", tmp_path)
-    assert "bad.cfg:5" in msg and "unknown section [crop]" in msg
+    assert "bad.cfg:5" in msg and "[crop] (classification layers) is not supported" in msg
 
 
 def test_missing_required_key(tmp_path):

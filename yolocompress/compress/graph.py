@@ -1,8 +1,9 @@
 """Channel dependencies of a Darknet cfg for group channel pruning (pure data over blocks).
 
 `analyze(blocks)` traces every output channel of every layer back to the conv channels that
-produce it (through [maxpool]/[upsample]/[yolo], [route] concatenations and `groups`/`group_id`
-slices, and [shortcut] sums) and derives the shortcut-tied conv sets, each conv's consumers with
+produce it (each kind's channel rule in models.kinds: pass-through layers, [route] concatenations
+and `groups`/`group_id` slices, [shortcut] sums over the common channels; [sam] and
+[scale_channels] multiply maps, so their channels are traced to no conv) and derives the shortcut-tied conv sets, each conv's consumers with
 channel offsets, and which convs may be pruned (`EXCLUSION_RULES`, one table).
 `propagate_keep(blocks, keep)` turns kept output channels per conv into the kept channels of every
 layer, the kept input channels and new `filters=` of every conv, and raises a YoloCompressError
@@ -19,8 +20,9 @@ import numpy as np
 
 from ..errors import YoloCompressError
 from ..models.cfg import Block, input_layers
-from ..models.profile import layer_shapes, route_slice
+from ..models.kinds import UNTRACED, Produce, kind_of
 from ..models.roles import describe_layers
+from ..models.shapes import layer_shapes
 
 __all__ = ["INPUT", "Origin", "ChannelUse", "ChannelGraph", "Rule", "EXCLUSION_RULES", "analyze",
            "prunable_layers", "KeptChannels", "propagate_keep"]
@@ -53,6 +55,8 @@ class ChannelGraph:
     tied_sets: tuple[frozenset[int], ...]      # disjoint shortcut-tied conv sets (>= 2 convs each)
     misaligned: frozenset[int]                 # convs of ties that do not pair channel j with j
     detect: frozenset[int]                     # the convs feeding a [yolo] layer
+    # convs whose channels reach a layer the table cannot trace, or are summed with its channels
+    untraced: frozenset[int] = frozenset()
 
     def input_map(self, index: int) -> tuple[Origin, ...]:
         """Origins of the input channels of a conv/maxpool/upsample/yolo layer."""
@@ -130,9 +134,14 @@ EXCLUSION_RULES: dict[str, Rule] = {
         "is a grouped conv (groups > 1) or feeds one, whose channel groups tie input to output",
         lambda g, i: _grouped(g.layers[i], "convolutional")
         or _feeds(g, i, lambda b: _grouped(b, "convolutional"))),
+    "untraced": Rule(
+        "its channels reach a layer whose channels the layer table cannot trace ([sam] and "
+        "[scale_channels] multiply maps, so a pruned channel is no constant there)",
+        lambda g, i: i in g.untraced),
     "misaligned_tie": Rule(
         "a [shortcut] adds its channel j to a channel other than j of another conv (e.g. through "
-        "a route), so its tied set cannot share one channel set",
+        "a route), or adds maps of different channel counts, so its tied set cannot share one "
+        "channel set",
         lambda g, i: i in g.misaligned),
     "tied_to_excluded": Rule(
         "shortcut-tied to a conv another rule excludes; a tied set is pruned whole or not at all",
@@ -143,24 +152,12 @@ EXCLUSION_RULES: dict[str, Rule] = {
 def _channel_maps(blocks: list[Block]) -> dict[int, tuple[Origin, ...]]:
     maps = {INPUT: tuple(((INPUT, c),) for c in range(blocks[0].get_int("channels", 3)))}
     for i, b in enumerate(blocks[1:]):
-        srcs = input_layers(blocks, i)
-        if b.type == "convolutional":
-            maps[i] = tuple(((i, c),) for c in range(b.get_int("filters")))
-        elif b.type == "route":
-            parts: list[Origin] = []
-            for s in srcs:
-                lo, hi = route_slice(b, len(maps[s]))
-                parts.extend(maps[s][lo:hi])
-            maps[i] = tuple(parts)
-        elif b.type == "shortcut":
-            summed = zip(*(maps[s] for s in srcs))     # equal lengths: layer_shapes checked
-            maps[i] = tuple(tuple(sorted(set().union(*chans))) for chans in summed)
-            if any(c == INPUT for origin in maps[i] for c, _ in origin):
-                raise YoloCompressError(
-                    f"{b.where()}: [shortcut] at layer {i} adds the network input itself; "
-                    "channel pruning does not support that")
-        else:                                           # maxpool, upsample, yolo pass through
-            maps[i] = maps[srcs[0]]
+        ins = [maps[s] for s in input_layers(blocks, i)]
+        maps[i] = kind_of(b).channels.origins(b, i, ins)
+        if any(len(o) > 1 and any(c == INPUT for c, _ in o) for o in maps[i]):
+            raise YoloCompressError(
+                f"{b.where()}: [{b.type}] at layer {i} adds the network input itself; "
+                "channel pruning does not support that")
     return maps
 
 
@@ -175,11 +172,11 @@ def _find(parent: dict, x):
 def _ties(blocks: list[Block], maps) -> tuple[tuple[frozenset[int], ...], frozenset[int]]:
     """Shortcut-tied conv sets, and the convs of sets that do not pair channel j with channel j."""
     pairs: dict = {}          # channel level: the pairs summed into one channel form a class
-    for i, b in enumerate(blocks[1:]):
-        if b.type == "shortcut":
-            for origin in maps[i]:
-                for pair in origin[1:]:
-                    pairs[_find(pairs, pair)] = _find(pairs, origin[0])
+    for i in range(len(blocks) - 1):
+        for origin in maps[i]:
+            traced = [p for p in origin if p[0] >= 0]
+            for pair in traced[1:]:
+                pairs[_find(pairs, pair)] = _find(pairs, traced[0])
     classes: dict = defaultdict(set)
     for pair in list(pairs):
         classes[_find(pairs, pair)].add(pair)
@@ -214,7 +211,7 @@ def _consumers(blocks: list[Block], maps) -> dict[int, list[ChannelUse]]:
         runs: dict[int, list[list[int]]] = defaultdict(list)   # conv -> [in_start, src_start, n]
         for p, origin in enumerate(maps[r - 1]):
             for c, ch in origin:
-                if c == INPUT:
+                if c < 0:            # the image, or channels no conv produces
                     continue
                 last = runs[c][-1] if runs[c] else None
                 if last and last[0] + last[2] == p and last[1] + last[2] == ch:
@@ -231,7 +228,7 @@ def analyze(blocks: list[Block]) -> ChannelGraph:
     layer_shapes(blocks)                  # validates channel counts, group divisibility, sizes
     maps = _channel_maps(blocks)
     layers = tuple(blocks[1:])
-    holders = {j: {c for origin in m for c, _ in origin if c != INPUT} for j, m in maps.items()}
+    holders = {j: {c for origin in m for c, _ in origin if c >= 0} for j, m in maps.items()}
     readers: dict[int, set[int]] = {i: set() for i, b in enumerate(layers)
                                     if b.type == "convolutional"}
     for i in range(len(layers)):
@@ -240,6 +237,10 @@ def analyze(blocks: list[Block]) -> ChannelGraph:
                 readers[c].add(i)
     consumers = _consumers(blocks, maps)
     tied, misaligned = _ties(blocks, maps)
+    untraced = {c for c, rs in readers.items()
+                if any(not kind_of(layers[r]).channels.traceable for r in rs)}
+    untraced |= {c for m in maps.values() for o in m if any(p == UNTRACED for p, _ in o)
+                 for p, _ in o if p >= 0}
     detect = frozenset(info.index for info in describe_layers(blocks) if info.role == "detect")
     return ChannelGraph(
         layers=layers,
@@ -250,6 +251,7 @@ def analyze(blocks: list[Block]) -> ChannelGraph:
         tied_sets=tied,
         misaligned=misaligned,
         detect=detect,
+        untraced=frozenset(untraced),
     )
 
 
@@ -310,7 +312,8 @@ def propagate_keep(blocks: list[Block], keep: Mapping[int, Iterable[int]]) -> Ke
     inputs, filters = {}, {}
     for i, b in enumerate(blocks[1:]):
         srcs = input_layers(blocks, i)
-        if b.type == "convolutional":
+        rule = kind_of(b).channels
+        if isinstance(rule, Produce):
             n = b.get_int("filters")
             out[i] = masks.get(i, np.ones(n, dtype=bool))
             groups = b.get_int("groups", 1)
@@ -320,31 +323,8 @@ def propagate_keep(blocks: list[Block], keep: Mapping[int, Iterable[int]]) -> Ke
                     "it must keep all their channels")
             inputs[i] = np.flatnonzero(out[srcs[0]])
             filters[i] = int(out[i].sum())
-        elif b.type == "route":
-            groups = b.get_int("groups", 1)
-            parts = []
-            for s in srcs:
-                counts = out[s].reshape(groups, -1).sum(axis=1)
-                if (counts != counts[0]).any():
-                    raise YoloCompressError(
-                        f"{b.where()}: [route] at layer {i} splits layer {s} into groups={groups}, "
-                        f"which needs equally many kept channels per group, got {counts.tolist()}")
-                lo, hi = route_slice(b, out[s].size)
-                parts.append(out[s][lo:hi])
-            out[i] = np.concatenate(parts)
-        elif b.type == "shortcut":
-            for s in srcs[1:]:
-                if not np.array_equal(out[s], out[srcs[0]]):
-                    raise YoloCompressError(
-                        f"{b.where()}: [shortcut] at layer {i} adds layers {srcs[0]} and {s} "
-                        "whose kept channels differ; shortcut-tied convs must keep one channel set")
-            out[i] = out[srcs[0]]
         else:
-            if b.type == "yolo" and not out[srcs[0]].all():
-                raise YoloCompressError(
-                    f"{b.where()}: [yolo] at layer {i} needs all {out[srcs[0]].size} channels of "
-                    f"layer {srcs[0]}, but only {int(out[srcs[0]].sum())} are kept")
-            out[i] = out[srcs[0]]
+            out[i] = rule.keep(b, i, srcs, [out[s] for s in srcs])
     return KeptChannels(
         outputs=tuple(np.flatnonzero(out[i]) for i in range(len(blocks) - 1)),
         inputs=inputs, filters=filters)

@@ -34,8 +34,8 @@ import torch
 
 from ..errors import YoloCompressError
 from ..models.cfg import Block, input_layers
-from ..models.darknet import ACTIVATIONS
-from ..models.profile import profile_blocks, route_slice
+from ..models.kinds import Produce, apply_activation, kind_of
+from ..models.profile import profile_blocks
 from ..models.roles import describe_layers
 from .graph import INPUT, ChannelGraph, KeptChannels, analyze, propagate_keep
 from .groups import Group, group_layers
@@ -241,19 +241,14 @@ def _dropped(kept: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
-def _act(b: Block, default: str, x: np.ndarray) -> np.ndarray:
-    name = b.get("activation", default)
-    if name not in ACTIVATIONS:
-        raise YoloCompressError(f"{b.where('activation')}: unsupported activation '{name}'")
-    return ACTIVATIONS[name]()(torch.from_numpy(x)).numpy()
-
-
 def _constants(blocks: list[Block], sd, kept: KeptChannels) -> dict[int, np.ndarray]:
-    """Per layer output channel: the constant a pruned channel carries there, NaN elsewhere."""
+    """Per layer output channel: the constant a pruned channel carries there, NaN elsewhere
+    (through each kind's channel rule, models.kinds)."""
     const = {INPUT: np.full(blocks[0].get_int("channels", 3), np.nan)}
     for i, b in enumerate(blocks[1:]):
         srcs = input_layers(blocks, i)
-        if b.type == "convolutional":
+        rule = kind_of(b).channels
+        if isinstance(rule, Produce):
             v = np.full(b.get_int("filters"), np.nan)
             drop = _dropped(kept.outputs[i], v.size)
             if drop.size:
@@ -262,15 +257,10 @@ def _constants(blocks: list[Block], sd, kept: KeptChannels) -> dict[int, np.ndar
                         f"{b.where()}: conv {i} has no BN, so its pruned channels are not a "
                         "constant to fold into the next layer; prune it with compensate=False")
                 beta = sd[f"layers.{i}.bn.bias"].detach().cpu().double().numpy()
-                v[drop] = _act(b, "logistic", beta[drop])
+                v[drop] = apply_activation(b, "logistic", beta[drop])
             const[i] = v
-        elif b.type == "route":
-            const[i] = np.concatenate([const[s][slice(*route_slice(b, const[s].size))]
-                                       for s in srcs])
-        elif b.type == "shortcut":
-            const[i] = _act(b, "linear", sum(const[s] for s in srcs))
-        else:                                # maxpool (-inf padding), upsample, yolo keep it
-            const[i] = const[srcs[0]]
+        else:
+            const[i] = rule.constant(b, [const[s] for s in srcs])
     return const
 
 

@@ -1,121 +1,22 @@
-"""Darknet `.cfg` text <-> list of blocks (pure data, no torch).
+"""Darknet `.cfg` text <-> list of blocks (pure data).
 
 `parse_cfg(text)` returns `[Block(type="net"), Block(...), ...]`: the `[net]` block first, then one
 block per layer in cfg order (layer index = position - 1). `write_cfg(blocks)` writes text that
 parses back to equal blocks. Values stay strings; typed getters convert them and report the line.
+Which sections and options exist, and their ranges, is models.kinds' table: an unknown section or
+option is an error naming the file and line.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import YoloCompressError
+from .block import Block
+from .kinds import ALIASES, KINDS, NET_OPTIONS, UNSUPPORTED, check_options, kind_of
 
-__all__ = ["Block", "parse_cfg", "read_cfg", "write_cfg", "set_classes", "LAYER_KINDS",
-           "resolve_sources", "input_layers"]
-
-# Section -> keys that must be present; the value checks below cover numeric keys.
-LAYER_KINDS: dict[str, tuple[str, ...]] = {
-    "convolutional": ("filters", "size"),
-    "route": ("layers",),
-    "shortcut": ("from",),
-    "maxpool": (),
-    "upsample": (),
-    "yolo": ("anchors",),
-}
-_SECTION_ALIASES = {"conv": "convolutional", "network": "net"}
-_INT_KEYS = {
-    "net": ("batch", "subdivisions", "width", "height", "channels", "burn_in", "max_batches",
-            "letter_box", "mosaic"),
-    "convolutional": ("batch_normalize", "filters", "size", "stride", "pad", "padding", "groups",
-                      "stopbackward", "dilation"),
-    "route": ("groups", "group_id"),
-    "maxpool": ("size", "stride", "padding"),
-    "upsample": ("stride",),
-    "yolo": ("classes", "num", "random", "new_coords", "max_delta"),
-}
-_FLOAT_KEYS = {
-    "net": ("momentum", "decay", "learning_rate", "angle", "saturation", "exposure", "hue"),
-    "yolo": ("jitter", "ignore_thresh", "truth_thresh", "scale_x_y", "iou_thresh",
-             "cls_normalizer", "iou_normalizer", "obj_normalizer", "beta_nms"),
-}
-_INT_LIST_KEYS = {"route": ("layers",), "shortcut": ("from",), "yolo": ("mask",)}
-_FLOAT_LIST_KEYS = {"yolo": ("anchors",)}
-
-
-@dataclass
-class Block:
-    """One `[section]`: its type, its key=value options (strings, in file order) and where it came from."""
-    type: str
-    options: dict[str, str] = field(default_factory=dict)
-    line: int = field(default=0, compare=False)     # line of the section header (0 = built in code)
-    key_lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-    source: str = field(default="<cfg>", compare=False, repr=False)
-
-    def where(self, key: str | None = None) -> str:
-        line = self.key_lines.get(key, self.line) if key else self.line
-        return f"{self.source}:{line}" if line else self.source
-
-    def has(self, key: str) -> bool:
-        return key in self.options
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        return self.options.get(key, default)
-
-    def _required(self, key: str) -> YoloCompressError:
-        return YoloCompressError(f"{self.where()}: [{self.type}] is missing '{key}'")
-
-    def _lookup(self, key: str, default) -> str | None:
-        """The raw text of `key`; None when absent and a default exists; an error otherwise."""
-        raw = self.options.get(key)
-        if raw is None and default is None:
-            raise self._required(key)
-        return raw
-
-    def get_int(self, key: str, default: int | None = None) -> int:
-        raw = self._lookup(key, default)
-        if raw is None:
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            try:
-                value = float(raw)
-            except ValueError:
-                value = None
-            if value is None or value != int(value):
-                raise YoloCompressError(
-                    f"{self.where(key)}: '{key}={raw}' is not an integer") from None
-            return int(value)
-
-    def get_float(self, key: str, default: float | None = None) -> float:
-        raw = self._lookup(key, default)
-        if raw is None:
-            return default
-        try:
-            return float(raw)
-        except ValueError:
-            raise YoloCompressError(f"{self.where(key)}: '{key}={raw}' is not a number") from None
-
-    def get_ints(self, key: str, default: list[int] | None = None) -> list[int]:
-        return [int(v) for v in self._list(key, default, int, "integers")]
-
-    def get_floats(self, key: str, default: list[float] | None = None) -> list[float]:
-        return [float(v) for v in self._list(key, default, float, "numbers")]
-
-    def _list(self, key, default, conv, what):
-        raw = self._lookup(key, default)
-        if raw is None:
-            return list(default)
-        try:
-            return [conv(v) for v in raw.split(",") if v.strip()]
-        except ValueError:
-            raise YoloCompressError(
-                f"{self.where(key)}: '{key}={raw}' is not a list of {what}") from None
-
-    def set(self, key: str, value) -> None:
-        self.options[key] = str(value)
+__all__ = ["Block", "parse_cfg", "read_cfg", "write_cfg", "set_classes", "validate_blocks",
+           "resolve_sources", "input_layers", "yolo_mask"]
 
 
 def read_cfg(path: str | Path) -> list[Block]:
@@ -141,11 +42,13 @@ def parse_cfg(text: str, source: str = "<cfg>") -> list[Block]:
             if not line.endswith("]"):
                 raise YoloCompressError(f"{source}:{lineno}: malformed section header '{line}'")
             kind = line[1:-1].strip().lower()
-            kind = _SECTION_ALIASES.get(kind, kind)
-            if kind != "net" and kind not in LAYER_KINDS:
+            kind = ALIASES.get(kind, kind)
+            if kind != "net" and kind not in KINDS:
+                what = (f"[{kind}] ({UNSUPPORTED[kind]} layers) is not supported"
+                        if kind in UNSUPPORTED else f"unknown section [{kind}]")
                 raise YoloCompressError(
-                    f"{source}:{lineno}: unknown section [{kind}] (supported: [net], "
-                    + ", ".join(f"[{k}]" for k in LAYER_KINDS) + ")")
+                    f"{source}:{lineno}: {what} (supported: [net], "
+                    + ", ".join(f"[{k}]" for k in KINDS) + ")")
             blocks.append(Block(kind, {}, lineno, {}, source))
             continue
         if "=" not in line:
@@ -167,37 +70,28 @@ def parse_cfg(text: str, source: str = "<cfg>") -> list[Block]:
 
 
 def validate_blocks(blocks: list[Block]) -> None:
-    """Required keys, numeric values and route/shortcut targets; raises YoloCompressError."""
-    for b in blocks:
-        for key in LAYER_KINDS.get(b.type, ()):
-            if key not in b.options:
-                raise b._required(key)
-        for key in _INT_KEYS.get(b.type, ()):
-            if key in b.options:
-                b.get_int(key)
-        for key in _FLOAT_KEYS.get(b.type, ()):
-            if key in b.options:
-                b.get_float(key)
-        for key in _INT_LIST_KEYS.get(b.type, ()):
-            if key in b.options:
-                b.get_ints(key)
-        for key in _FLOAT_LIST_KEYS.get(b.type, ()):
-            if key in b.options:
-                b.get_floats(key)
+    """Options (known, typed, in range) of every block and the layers each one reads;
+    raises YoloCompressError naming the file and line."""
+    check_options(blocks[0], NET_OPTIONS)
     for i, b in enumerate(blocks[1:]):
-        if b.type in ("route", "shortcut"):
-            resolve_sources(blocks, i)
+        kind_of(b).validate(b)
+        resolve_sources(blocks, i)
 
 
 def resolve_sources(blocks: list[Block], index: int) -> list[int]:
-    """Absolute layer indices a route/shortcut at layer `index` reads, checked to lie before it."""
+    """Absolute indices of the layers layer `index` reads (models.kinds: `refs`, after the
+    previous layer where the kind reads that too), checked to lie before it; -1 is the image."""
     b = blocks[index + 1]
-    key = "layers" if b.type == "route" else "from"
+    kind = kind_of(b)
+    if kind.refs is None:
+        return [index - 1]
+    key = kind.refs
     refs = b.get_ints(key)
     if not refs:
         raise YoloCompressError(f"{b.where(key)}: [{b.type}] '{key}' is empty")
-    if b.type == "route" and len(refs) > 4:
-        raise YoloCompressError(f"{b.where(key)}: [route] takes at most 4 layers, got {len(refs)}")
+    if kind.max_refs is not None and len(refs) > kind.max_refs:
+        raise YoloCompressError(f"{b.where(key)}: [{b.type}] takes at most {kind.max_refs} "
+                                f"layer(s) in '{key}', got {len(refs)}")
     out = []
     for r in refs:
         src = index + r if r < 0 else r
@@ -206,17 +100,14 @@ def resolve_sources(blocks: list[Block], index: int) -> list[int]:
                 f"{b.where(key)}: [{b.type}] at layer {index} points to layer {src} "
                 f"('{key}' entry {r}), outside layers 0..{index - 1}")
         out.append(src)
-    if b.type == "shortcut":
+    if kind.with_previous:
         out = [index - 1] + out
     return out
 
 
 def input_layers(blocks: list[Block], index: int) -> list[int]:
-    """Layers whose outputs layer `index` reads (routes/shortcuts: their sources; else the previous
-    layer); -1 is the input image."""
-    if blocks[index + 1].type in ("route", "shortcut"):
-        return resolve_sources(blocks, index)
-    return [index - 1]
+    """Layers whose outputs layer `index` reads (= resolve_sources); -1 is the input image."""
+    return resolve_sources(blocks, index)
 
 
 def write_cfg(blocks: list[Block]) -> str:

@@ -11,112 +11,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import YoloCompressError
 from .cfg import Block, resolve_sources, set_classes, yolo_mask
 from .heads import HeadSpec
-from .profile import conv_padding, layer_shapes, maxpool_padding, route_slice
+from .kinds import kind_of
+from .layers import ACTIVATIONS, ConvLayer, ReadsOutputs, YoloLayer
 from .roles import LayerInfo, describe_layers
+from .shapes import layer_io
 
-__all__ = ["Darknet", "ACTIVATIONS", "heads_from_blocks"]
-
-
-# Darknet activation name -> module factory; leaky is Darknet's 0.1 slope.
-ACTIVATIONS = {
-    "linear": nn.Identity,
-    "leaky": lambda: nn.LeakyReLU(0.1),
-    "mish": nn.Mish,           # x * tanh(softplus(x)), fused
-    "logistic": nn.Sigmoid,
-    "relu": nn.ReLU,
-    "swish": nn.SiLU,
-    "tanh": nn.Tanh,
-}
-
-
-def _activation(b: Block, default: str) -> nn.Module:
-    name = b.get("activation", default)
-    if name not in ACTIVATIONS:
-        raise YoloCompressError(f"{b.where('activation')}: unsupported activation '{name}' "
-                                f"(supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]()
-
-
-class ConvLayer(nn.Module):
-    def __init__(self, b: Block, in_ch: int):
-        super().__init__()
-        k, n = b.get_int("size"), b.get_int("filters")
-        self.bn_enabled = bool(b.get_int("batch_normalize", 0))
-        self.conv = nn.Conv2d(in_ch, n, k, b.get_int("stride", 1), conv_padding(b),
-                              groups=b.get_int("groups", 1), bias=not self.bn_enabled)
-        if self.bn_enabled:
-            self.bn = nn.BatchNorm2d(n, eps=1e-5, momentum=0.03)
-        self.act = _activation(b, "logistic")
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn_enabled:
-            x = self.bn(x)
-        return self.act(x)
-
-
-class MaxPoolLayer(nn.Module):
-    """Darknet maxpool: total padding `padding` (default size-1), pad//2 before, the rest after, -inf."""
-    def __init__(self, b: Block):
-        super().__init__()
-        self.size = b.get_int("size", b.get_int("stride", 1))
-        self.stride = b.get_int("stride", 1)
-        pad = maxpool_padding(b)
-        self.pad = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
-
-    def forward(self, x):
-        if any(self.pad):
-            x = F.pad(x, self.pad, value=float("-inf"))
-        return F.max_pool2d(x, self.size, self.stride)
-
-
-class UpsampleLayer(nn.Module):
-    def __init__(self, b: Block):
-        super().__init__()
-        self.stride = b.get_int("stride", 2)
-        if self.stride < 1:
-            raise YoloCompressError(f"{b.where('stride')}: [upsample] stride must be >= 1")
-
-    def forward(self, x):
-        return F.interpolate(x, scale_factor=self.stride, mode="nearest")
-
-
-class RouteLayer(nn.Module):
-    def __init__(self, b: Block, sources: list[int], channels: list[int]):
-        super().__init__()
-        self.sources = sources
-        self.slices = [route_slice(b, c) for c in channels]
-        self.full = [s == (0, c) for s, c in zip(self.slices, channels)]
-
-    def forward(self, outputs: list):
-        parts = [outputs[s] if full else outputs[s][:, lo:hi]
-                 for s, full, (lo, hi) in zip(self.sources, self.full, self.slices)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-class ShortcutLayer(nn.Module):
-    def __init__(self, b: Block, sources: list[int]):
-        super().__init__()
-        self.sources = sources
-        self.act = _activation(b, "linear")
-
-    def forward(self, outputs: list):
-        x = outputs[self.sources[0]]
-        for s in self.sources[1:]:
-            x = x + outputs[s]
-        return self.act(x)
-
-
-class YoloLayer(nn.Module):
-    """Pass-through: the raw conv output is the head output; decode lives in `models.yolo`."""
-    def forward(self, x):
-        return x
+__all__ = ["Darknet", "ACTIVATIONS", "ConvLayer", "heads_from_blocks"]
 
 
 def heads_from_blocks(blocks: list[Block], infos: list[LayerInfo]) -> list[HeadSpec]:
@@ -169,34 +74,17 @@ class Darknet(nn.Module):
         self.classes = self.heads[0].classes
         if any(h.classes != self.classes for h in self.heads):
             raise YoloCompressError(f"{blocks[0].source}: [yolo] layers disagree on classes")
-        shapes = layer_shapes(blocks)
-        in_c = self.net.get_int("channels", 3)
         layers = []
         self._sources: list[list[int]] = []
-        for i, b in enumerate(blocks[1:]):
-            prev_c = shapes[i - 1].c if i else in_c
-            srcs = [i - 1]
-            if b.type == "convolutional":
-                m = ConvLayer(b, prev_c)
-            elif b.type == "maxpool":
-                m = MaxPoolLayer(b)
-            elif b.type == "upsample":
-                m = UpsampleLayer(b)
-            elif b.type == "route":
-                srcs = resolve_sources(blocks, i)
-                m = RouteLayer(b, srcs, [shapes[s].c for s in srcs])
-            elif b.type == "shortcut":
-                srcs = resolve_sources(blocks, i)
-                m = ShortcutLayer(b, srcs)
-            else:
-                m = YoloLayer()
-            layers.append(m)
+        for i, (b, (ins, _)) in enumerate(zip(blocks[1:], layer_io(blocks))):
+            srcs = resolve_sources(blocks, i)
+            layers.append(kind_of(b).module(b, ins, srcs))
             self._sources.append(srcs)
         self.layers = nn.ModuleList(layers)
         self._yolo_index = [h.index for h in self.heads]
-        # outputs that routes and shortcuts read back
-        self._keep = {s for b, srcs in zip(blocks[1:], self._sources)
-                      if b.type in ("route", "shortcut") for s in srcs}
+        # outputs that routes, shortcuts, sam and scale_channels read back
+        self._keep = {s for m, srcs in zip(layers, self._sources)
+                      if isinstance(m, ReadsOutputs) for s in srcs}
         self._by_name = {info.name: info.index for info in self.infos}
 
     def initialize(self) -> None:
@@ -235,7 +123,7 @@ class Darknet(nn.Module):
         heads = []
         prev = x
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, (RouteLayer, ShortcutLayer)):
+            if isinstance(layer, ReadsOutputs):
                 y = layer(outputs)
             else:
                 y = layer(prev)

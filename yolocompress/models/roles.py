@@ -4,7 +4,7 @@ Each layer gets `name` (kind + index, e.g. "conv54", stable under channel prunin
 `stride`, the network `part` (backbone | neck | head) and a `role`:
 - "detect": the conv feeding a [yolo] layer; "head": the conv feeding a detect conv; "yolo";
 - "stage_out": the last backbone layer at each stride (the CSP stage outputs);
-- otherwise the layer kind.
+- otherwise the layer kind's short name (models.kinds).
 The backbone ends where the repeated downsample-and-residual pattern stops: walk back from the
 first SPP maxpool / upsample / yolo over convs and single-input routes to the first structural
 layer; a shortcut ends the backbone there, a concatenating route or maxpool one conv later.
@@ -15,12 +15,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from .cfg import Block, input_layers, resolve_sources
-from .profile import layer_shapes
+from .kinds import kind_of
+from .shapes import layer_shapes
 
 __all__ = ["LayerInfo", "describe_layers", "layer_consumers"]
-
-_SHORT = {"convolutional": "conv", "route": "route", "shortcut": "shortcut", "maxpool": "maxpool",
-          "upsample": "upsample", "yolo": "yolo"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def describe_layers(blocks: list[Block]) -> list[LayerInfo]:
         elif part == "backbone" and (i == end or shapes[i + 1].h != s.h):
             role = "stage_out"
         else:
-            role = _SHORT[b.type]
-        infos.append(LayerInfo(i, b.type, f"{_SHORT[b.type]}{i}", stride,
+            role = kind_of(b).short
+        infos.append(LayerInfo(i, b.type, f"{kind_of(b).short}{i}", stride,
                                int(round(math.log2(stride))), part, role, s.c))
     return infos
