@@ -37,6 +37,7 @@ from ..models.cfg import Block, input_layers
 from ..models.kinds import Produce, apply_activation, kind_of
 from ..models.profile import profile_blocks
 from ..models.roles import describe_layers
+from .bisection import bisect
 from .graph import INPUT, ChannelGraph, KeptChannels, analyze, propagate_keep
 from .groups import Group, group_layers
 from .importance import Importance, bn_gamma_abs, state_of, tied_scores
@@ -469,12 +470,8 @@ class _Search:
     def bisect(self, make, lo: float, hi: float) -> tuple[float, float]:
         """(lo, hi) 1e-7 apart around where reduction(make(x)) first reaches the target, given
         it does not at lo and does at hi."""
-        while hi - lo > 1e-7:
-            mid = (lo + hi) / 2
-            if self.reduction(make(mid)) >= self.ratio:
-                hi = mid
-            else:
-                lo = mid
+        lo, hi, _ = bisect(lambda x: 1 if self.reduction(make(x)) >= self.ratio else -1,
+                           lo, hi, 1e-7)
         return lo, hi
 
     def next_change(self, pct: dict[str, float], name: str, step: float

@@ -18,6 +18,7 @@ from ..errors import YoloCompressError
 from ..models.cfg import Block
 from ..models.darknet import Darknet
 from ..models.profile import profile_summary
+from .bisection import bisect
 from .graph import analyze
 
 __all__ = ["IMPORTANCES", "tp_prune", "ignored_layers", "rebuild_darknet"]
@@ -147,12 +148,15 @@ def _search(trial: _Trial, target: float, tolerance: float) -> tuple[float, floa
                 f"removed over the {trial.evaluations} ratios tried is {tried[best]:.1%} (ratio "
                 f"{best:g}); too few prunable channels")
         resolution = 0.5 / max(trial.total_channels, 1)   # the ratio one ranked channel is worth
-        while hi - lo > resolution:
-            mid = (lo + hi) / 2
-            red, m = run(mid)
-            if abs(red - target) <= tolerance:
-                return mid, red, m
-            lo, hi = (mid, hi) if red < target else (lo, mid)
+        last: dict[str, Darknet] = {}          # the model of the latest run, the one found
+
+        def side(ratio):
+            red, last["model"] = run(ratio)
+            return 0 if abs(red - target) <= tolerance else -1 if red < target else 1
+
+        _, _, found = bisect(side, lo, hi, resolution)
+        if found is not None:
+            return found, tried[found], last["model"]
         best = min(tried, key=lambda r: abs(tried[r] - target))
         raise YoloCompressError(
             f"tp_prune: no global ratio removes {target:.1%} +- {tolerance:.1%} of the FLOPs; "
