@@ -9,6 +9,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY_CFG = FIXTURES / "tiny.cfg"
 MODEL_CFGS = sorted((ROOT / "cfg" / "models").glob("*.cfg"))
 PUBLISHED_CFGS = MODEL_CFGS + sorted((FIXTURES / "cfg").glob("*.cfg"))
+# hand-written miniatures of yolov7 / yolov3-tiny-prn / yolov4-sam structures (tests/test_kinds.py)
+MINI_CFGS = sorted((FIXTURES / "cfg" / "mini").glob("*.cfg"))
 
 
 def cfg_path(name: str) -> Path:
