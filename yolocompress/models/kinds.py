@@ -367,6 +367,8 @@ _YOLO_OPTIONS = {
     "nms_kind": Option("str", choices=("default", "greedynms", "diounms")), "beta_nms": _FLOAT,
     "objectness_smooth": _FLAG, "label_smooth_eps": _FLOAT, "focal_loss": _FLAG,
     "max": Option("int", 1), "counters_per_class": Option("ints", 0), "show_details": _FLAG,
+    # in published cfgs (yolov4-sam-mish.cfg): Gaussian-YOLO's term, and one Darknet never reads
+    "uc_normalizer": _FLOAT, "beta1": _FLOAT,
 }
 
 KINDS: dict[str, Kind] = {k.section: k for k in (
