@@ -55,6 +55,8 @@ CONV = "[convolutional]\nfilters=4\nsize=3\n"           # lines 5-7 after NET
     (NET + CONV + "[shortcut]\nfrom=-1\nweights_type=per_channel\n", 10,
      "[shortcut] weights_type=per_channel is not one of none"),
     (NET + CONV + "[route]\nlayers=-1\ngroups=0\n", 10, "[route] groups=0 must be >= 1"),
+    (NET + CONV + "[route]\nlayers=-1\ngroups=2\ngroup_id=2\n", 11,
+     "[route] group_id=2 must be below groups=2"),
     (NET + "mosaic_kernel=1\n" + CONV, 5, "unknown or unsupported option 'mosaic_kernel' in [net]"),
     (NET + CONV + "[yolo]\nanchors=1,1\nembedding_layer=-2\n", 10,
      "unknown or unsupported option 'embedding_layer' in [yolo]"),

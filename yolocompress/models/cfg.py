@@ -105,9 +105,7 @@ def resolve_sources(blocks: list[Block], index: int) -> list[int]:
     return out
 
 
-def input_layers(blocks: list[Block], index: int) -> list[int]:
-    """Layers whose outputs layer `index` reads (= resolve_sources); -1 is the input image."""
-    return resolve_sources(blocks, index)
+input_layers = resolve_sources     # the layers whose outputs a layer reads; -1 is the image
 
 
 def write_cfg(blocks: list[Block]) -> str:

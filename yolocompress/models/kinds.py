@@ -281,6 +281,13 @@ def _conv_check(b):
                                 "supported")
 
 
+def _route_check(b):
+    groups, gid = b.get_int("groups", 1), b.get_int("group_id", 0)
+    if gid >= groups:
+        raise YoloCompressError(f"{b.where('group_id')}: [route] group_id={gid} must be below "
+                                f"groups={groups}")
+
+
 def _maxpool_shape(b, i, ins):
     prev, k, s, p = ins[0], maxpool_size(b), b.get_int("stride", 1), maxpool_padding(b)
     return LayerShape(prev.c, (prev.h + p - k) // s + 1, (prev.w + p - k) // s + 1)
@@ -384,7 +391,7 @@ KINDS: dict[str, Kind] = {k.section: k for k in (
          _route_shape,
          lambda b, ins, srcs: RouteLayer(srcs, [route_slice(b, s.c) for s in ins],
                                          [s.c for s in ins]),
-         Concat(), required=("layers",), refs="layers"),
+         Concat(), required=("layers",), refs="layers", check=_route_check),
     Kind("shortcut", "shortcut", {"from": Option("ints"), "activation": _ACT,
                                   "weights_type": Option("str", choices=("none",)),
                                   "weights_normalization": Option("str", choices=("none",))},
