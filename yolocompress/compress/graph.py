@@ -1,10 +1,11 @@
 """Channel dependencies of a Darknet cfg for group channel pruning (pure data over blocks).
 
 `analyze(blocks)` traces every output channel of every layer back to the conv channels that
-produce it (each kind's channel rule in models.kinds: pass-through layers, [route] concatenations
-and `groups`/`group_id` slices, [shortcut] sums over the common channels; [sam] and
-[scale_channels] multiply maps, so their channels are traced to no conv) and derives the shortcut-tied conv sets, each conv's consumers with
-channel offsets, and which convs may be pruned (`EXCLUSION_RULES`, one table).
+produce it (each kind's channel rule, models.channels: pass-through layers, [route]
+concatenations and `groups`/`group_id` slices, [shortcut] sums over the common channels; [sam]
+and [scale_channels] multiply maps, so their channels are traced to no conv) and derives the
+shortcut-tied conv sets, each conv's consumers with channel offsets, and which convs may be
+pruned (`EXCLUSION_RULES`, one table).
 `propagate_keep(blocks, keep)` turns kept output channels per conv into the kept channels of every
 layer, the kept input channels and new `filters=` of every conv, and raises a YoloCompressError
 where the choice would break a grouped route, a shortcut, a grouped conv or a [yolo] layer.
@@ -20,7 +21,8 @@ import numpy as np
 
 from ..errors import YoloCompressError
 from ..models.cfg import Block, input_layers
-from ..models.kinds import UNTRACED, Produce, kind_of
+from ..models.channels import UNTRACED, Produce
+from ..models.kinds import kind_of
 from ..models.roles import describe_layers
 from ..models.shapes import layer_shapes
 

@@ -34,7 +34,8 @@ import torch
 
 from ..errors import YoloCompressError
 from ..models.cfg import Block, input_layers
-from ..models.kinds import Produce, apply_activation, kind_of
+from ..models.channels import Produce, apply_activation
+from ..models.kinds import kind_of
 from ..models.profile import profile_blocks
 from ..models.roles import describe_layers
 from .bisection import bisect
@@ -244,7 +245,7 @@ def _dropped(kept: np.ndarray, n: int) -> np.ndarray:
 
 def _constants(blocks: list[Block], sd, kept: KeptChannels) -> dict[int, np.ndarray]:
     """Per layer output channel: the constant a pruned channel carries there, NaN elsewhere
-    (through each kind's channel rule, models.kinds)."""
+    (through each kind's channel rule, models.channels)."""
     const = {INPUT: np.full(blocks[0].get_int("channels", 3), np.nan)}
     for i, b in enumerate(blocks[1:]):
         srcs = input_layers(blocks, i)

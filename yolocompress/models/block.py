@@ -1,4 +1,4 @@
-"""One `[section]` of a Darknet cfg as plain data, with typed getters that name the file and line."""
+"""One `[section]` of a Darknet cfg as plain data; typed getters name the file and line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
