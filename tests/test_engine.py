@@ -412,7 +412,7 @@ def test_worker_death_after_a_stop_signal_still_saves_last_and_resumes(tmp_path)
     class DieMidStep(HookBase):
         def after_backward(self):
             if self.trainer.epoch == 1 and self.trainer.batch_idx == 2:
-                self.trainer._stop = True   # what the SIGTERM handler sets
+                self.trainer.request_stop()   # what the SIGTERM handler does
                 raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
     interrupted = build(tmp_path / "a", accumulate=1, hooks=[DieMidStep()])
