@@ -19,6 +19,7 @@ from yolocompress.models.darknet import Darknet
 from yolocompress.train.distributed import SeededRandomSampler
 from yolocompress.train.ema import ModelEMA
 from yolocompress.train.engine import HookBase, Trainer
+from yolocompress.train.trainer_base import TrainerBase
 from yolocompress.train.hooks import (CheckpointHook, EvalHook, LoggerHook, LRSchedule,
                                      plot_training_curves)
 from yolocompress.train.optim import build_optimizer
@@ -148,7 +149,8 @@ def assert_same_training(a: Trainer, b: Trainer) -> None:
 
 
 HOOK_METHODS = ("before_train", "before_epoch", "before_step", "after_backward",
-                "before_optimizer_step", "after_optimizer_step", "after_epoch", "after_train")
+                "before_optimizer_step", "after_optimizer_step", "after_step", "after_epoch",
+                "after_train")
 
 
 class Recorder(HookBase):
@@ -169,14 +171,71 @@ def test_hook_order_and_counts_with_accumulation(tmp_path):
                 hooks=[rec], progress=False)
     assert (t.steps_per_epoch, t.max_iter) == (3, 6)
     t.train()
-    micro = ["before_step", "after_backward"]
-    step = ["before_optimizer_step", "after_optimizer_step"]
-    epoch = ["before_epoch", *micro * 3, *step, *micro * 3, *step, *micro, *step, "after_epoch"]
+    micro = ["before_step", "after_backward", "after_step"]
+    last = ["before_step", "after_backward", "before_optimizer_step", "after_optimizer_step",
+            "after_step"]   # the window's last micro-batch: its step comes before its after_step
+    epoch = ["before_epoch", *micro * 2, *last, *micro * 2, *last, *last, "after_epoch"]
     assert [c[0] for c in rec.calls] == ["before_train", *epoch * 2, "after_train"]
     # windows of 3, 3 and the partial 1 at the end of each epoch; iter = index of the step
     assert [c[2] for c in rec.calls if c[0] == "before_optimizer_step"] == [0, 1, 2, 3, 4, 5]
     assert [c[1] for c in rec.calls if c[0] == "after_epoch"] == [0, 1]
     assert t.iter == 6 and t.progress == 1.0
+    # the trainer's own hooks first (stats before the bar that shows them), then by priority
+    assert [type(h).__name__ for h in t.hooks] == ["StatsHook", "Recorder"]
+    with_all = Trainer(model, criterion, build_optimizer(model), loader, epochs=1, progress=True,
+                       ema=ModelEMA(model), hooks=[CheckpointHook(tmp_path, make_artifact),
+                                                   LRSchedule(burn_in=1)])
+    assert [type(h).__name__ for h in with_all.hooks] == \
+        ["StatsHook", "ProgressHook", "LRSchedule", "EMAHook", "CheckpointHook"]
+
+
+def test_trainer_base_loop_calls_hooks_and_check_stop_between_epochs():
+    events = []
+
+    class Loop(TrainerBase):
+        def run_epoch(self):
+            self.call_hooks("before_epoch")
+            events.append(("run", self.epoch))
+            self.iter += 1
+            self.position = (self.epoch + 1, 0)
+            if self.epoch == fail_at:
+                raise RuntimeError("epoch failed")
+
+        def check_stop(self):
+            events.append(("check_stop", self.epoch))
+
+    class Rec(HookBase):
+        def __init__(self, tag, priority):
+            self.tag, self.priority = tag, priority
+
+    for name in ("before_train", "before_epoch", "after_epoch", "after_train"):
+        setattr(Rec, name, lambda self, _n=name: events.append((_n, self.tag)))
+
+    fail_at = None
+    loop = Loop(epochs=3)
+    loop.register_hooks([Rec("late", 90), Rec("early", 5)])
+    assert loop.train() is loop.storage and loop.iter == 3
+    per_epoch = [("before_epoch", "early"), ("before_epoch", "late")]
+    after = [("after_epoch", "early"), ("after_epoch", "late")]
+    assert events == [("before_train", "early"), ("before_train", "late"),
+                      *per_epoch, ("run", 0), *after, ("check_stop", 0),
+                      *per_epoch, ("run", 1), *after, ("check_stop", 1),
+                      *per_epoch, ("run", 2), *after,   # none after the last epoch
+                      ("after_train", "early"), ("after_train", "late")]
+
+    events.clear()
+    resumed = Loop(epochs=3)
+    resumed.register_hooks([Rec("only", 50)])
+    resumed.position = (1, 0)   # starts at epoch 1 (0-based); after_train runs on errors too
+    fail_at = 1
+    with pytest.raises(RuntimeError, match="epoch failed"):
+        resumed.train()
+    assert events == [("before_train", "only"), ("before_epoch", "only"), ("run", 1),
+                      ("after_train", "only")]
+    with pytest.raises(YoloCompressError, match="int is not a HookBase"):
+        resumed.register_hooks([3])
+    with pytest.raises(NotImplementedError):
+        TrainerBase(epochs=1).train()
 
 
 def mean_criterion(model, batch):
@@ -412,7 +471,7 @@ def test_worker_death_after_a_stop_signal_still_saves_last_and_resumes(tmp_path)
     class DieMidStep(HookBase):
         def after_backward(self):
             if self.trainer.epoch == 1 and self.trainer.batch_idx == 2:
-                self.trainer._stop = True   # what the SIGTERM handler sets
+                self.trainer.request_stop()   # what the SIGTERM handler does
                 raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
     interrupted = build(tmp_path / "a", accumulate=1, hooks=[DieMidStep()])

@@ -21,7 +21,7 @@ from ..errors import YoloCompressError
 from ..fileio import atomic_open
 from ..plotting import new_figure, save_figure
 from .distributed import barrier, is_main
-from .engine import HookBase
+from .trainer_base import HookBase
 
 __all__ = ["LRSchedule", "EMAHook", "EvalHook", "CheckpointHook", "LoggerHook", "plot_training_curves"]
 
