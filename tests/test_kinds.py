@@ -1,9 +1,6 @@
 """models.kinds, the one table of layer kinds: options and their errors, the kinds the YOLOv3/v4/v7
 cfgs use (miniatures under tests/fixtures/cfg/mini), and what each kind means for shapes, costs,
 modules, .weights, the channel graph and pruning."""
-import ast
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +17,8 @@ from yolocompress.models.profile import layer_shapes, profile_blocks
 from yolocompress.models.roles import describe_layers
 from yolocompress.models.weights import load_darknet_weights, save_darknet_weights
 
-from conftest import MINI_CFGS, ROOT
+from conftest import MINI_CFGS
+from test_imports import PACKAGE, cycles, import_graph
 
 MINI = {p.stem: p for p in MINI_CFGS}
 
@@ -293,39 +291,9 @@ def test_layers_that_multiply_maps_refuse_a_pruned_input():
 
 # ---- structure of the code ------------------------------------------------------------------
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of yolocompress.models / .compress that `path` imports (relative or absolute)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                base = f"yolocompress.{package}"
-            elif node.level == 2:
-                base = "yolocompress"
-            else:
-                base = ""
-            mod = f"{base}.{node.module}" if base and node.module else (node.module or base)
-            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
-            out |= {n for n in names if n.startswith(("yolocompress.models.",
-                                                       "yolocompress.compress."))}
-    return out
-
-
-def test_no_import_cycles_in_models_and_compress():
-    pkg = ROOT / "yolocompress"
-    files = {f"yolocompress.{d}.{p.stem}": p for d in ("models", "compress")
-             for p in (pkg / d).glob("*.py") if p.stem != "__init__"}
-    graph = {m: {i for i in _imports(p, m.split(".")[1]) if i in files} for m, p in files.items()}
-    state: dict = {}
-
-    def visit(m, stack):
-        state[m] = "open"
-        for n in graph[m]:
-            assert state.get(n) != "open", "import cycle: " + " -> ".join(stack + [m, n])
-            if n not in state:
-                visit(n, stack + [m])
-        state[m] = "done"
-
-    for m in sorted(files):
-        if m not in state:
-            visit(m, [])
+def test_no_import_cycles_at_all():
+    """models.profile <-> models.roles was the last cycle (a lazy import in profile_summary)."""
+    graph = import_graph(PACKAGE)
+    assert "yolocompress.models.shapes" in graph["yolocompress.models.roles"]   # the graph is read
+    assert "yolocompress.models.profile" not in graph["yolocompress.models.roles"]
+    assert cycles(graph) == []
