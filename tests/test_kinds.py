@@ -55,7 +55,7 @@ CONV = "[convolutional]\nfilters=4\nsize=3\n"           # lines 5-7 after NET
     (NET + CONV + "[route]\nlayers=-1\ngroups=0\n", 10, "[route] groups=0 must be >= 1"),
     (NET + CONV + "[route]\nlayers=-1\ngroups=2\ngroup_id=2\n", 11,
      "[route] group_id=2 must be below groups=2"),
-    (NET + "mosaic_kernel=1\n" + CONV, 5, "unknown or unsupported option 'mosaic_kernel' in [net]"),
+    (NET + "mosaic=2\n" + CONV, 5, "[net] mosaic=2 must be in 0..1"),
     (NET + CONV + "[yolo]\nanchors=1,1\nembedding_layer=-2\n", 10,
      "unknown or unsupported option 'embedding_layer' in [yolo]"),
     (NET + CONV + CONV + "[sam]\nfrom=-2,-1\n", 12, "[sam] takes at most 1 layer(s) in 'from'"),
@@ -63,6 +63,13 @@ CONV = "[convolutional]\nfilters=4\nsize=3\n"           # lines 5-7 after NET
 def test_bad_option_values_are_one_line_with_file_and_line(tmp_path, text, line, problem):
     msg = _error(text, tmp_path)
     assert msg.startswith(f"{tmp_path / 'bad.cfg'}:{line}: ") and problem in msg
+
+
+def test_unknown_net_options_are_ignored_as_darknet_does(tmp_path):
+    p = tmp_path / "net.cfg"
+    p.write_text(NET + "mosaic_kernel=1\nnew_training_knob=0.5\n" + CONV)
+    blocks = read_cfg(p)
+    assert blocks[0].options["mosaic_kernel"] == "1" and blocks[1].type == "convolutional"
 
 
 def test_cli_reports_a_bad_cfg_value_as_one_error_line_and_status_2(tmp_path, capsys):

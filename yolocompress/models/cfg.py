@@ -72,7 +72,9 @@ def parse_cfg(text: str, source: str = "<cfg>") -> list[Block]:
 def validate_blocks(blocks: list[Block]) -> None:
     """Options (known, typed, in range) of every block and the layers each one reads;
     raises YoloCompressError naming the file and line."""
-    check_options(blocks[0], NET_OPTIONS)
+    # [net] options other than the input's shape only steer Darknet's training, and Darknet
+    # itself ignores the ones it does not know; a user's cfg must not fail on a new one
+    check_options(blocks[0], NET_OPTIONS, ignore_unknown=True)
     for i, b in enumerate(blocks[1:]):
         kind_of(b).validate(b)
         resolve_sources(blocks, i)

@@ -98,10 +98,13 @@ NET_OPTIONS: dict[str, Option] = {
 }
 
 
-def check_options(b: Block, options: Mapping[str, Option]) -> None:
-    """Every option of `b` is one of `options` and has a valid value."""
+def check_options(b: Block, options: Mapping[str, Option], ignore_unknown: bool = False) -> None:
+    """Every option of `b` is one of `options` (or, with `ignore_unknown`, is skipped) and the
+    known ones have valid values."""
     for key in b.options:
         if key not in options:
+            if ignore_unknown:
+                continue
             raise YoloCompressError(
                 f"{b.where(key)}: unknown or unsupported option '{key}' in [{b.type}] "
                 f"(accepted: {', '.join(sorted(options))})")
