@@ -100,7 +100,8 @@ class DataConfig(_Section):
     descriptor: str = field(default="data/voc.yaml", metadata=_PATH)
     workers: int = 4                      # DataLoader workers per device; 0 = load in the main process
     cache_images: bool = False            # keep decoded images in RAM after the first epoch
-    strict: bool = True                   # a bad annotation is an error, not a warning that skips it
+    # the first bad item (annotation, image) is an error; false: skipped, counted, reported once
+    strict: bool = False
 
     def _validate(self) -> None:
         _require(bool(self.descriptor), "descriptor", "must name a data-set YAML", self.descriptor)
@@ -172,8 +173,9 @@ class AugmentConfig(_Section):
         for name in ("mosaic", "flip"):
             _require(0 <= getattr(self, name) <= 1, name, "must be a probability in [0, 1]",
                      getattr(self, name))
-        for name in ("jitter", "translate"):
-            _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        # each crop border moves by up to jitter x side, so at 0.5 the crop can shrink to nothing
+        _require(0 <= self.jitter < 0.5, "jitter", "must be in [0, 0.5)", self.jitter)
+        _require(0 <= self.translate < 1, "translate", "must be in [0, 1)", self.translate)
         for name in ("hsv_s", "hsv_v"):
             _require(getattr(self, name) >= 1, name, "must be >= 1 (1 = off)", getattr(self, name))
         _require(0 <= self.hsv_h <= 0.5, "hsv_h", "must be in [0, 0.5]", self.hsv_h)
