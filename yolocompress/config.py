@@ -424,23 +424,36 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """Read an experiment YAML (with `_base_` inheritance), apply `a.b=c` overrides, validate."""
     path = Path(path)
     where = str(path)
-    merged = _read_tree(path, ())
+    origins: dict[str, str] = {}
+    merged = _read_tree(path, (), Path(os.path.abspath(path)).parent, origins)
     for text in overrides:
         _apply_override(merged, text, where)
+        origins[text.partition("=")[0].strip()] = f"{where}: override {text!r}"
     if merged.get("name") is None:
         merged["name"] = path.stem
     merged["source"] = os.path.abspath(path)
     try:
         return _build(Config, merged)
     except YoloCompressError as e:
-        raise YoloCompressError(f"{where}: {e}") from e
+        raise YoloCompressError(f"{_origin(str(e), origins, where)}: {e}") from e
+
+
+def _origin(message: str, origins: Mapping[str, str], default: str) -> str:
+    """Where the key a validation message starts with ('train.lr: ...') was set: 'file:line' or
+    'file: override ...'; a cross-key check names its section's line; `default` if unknown."""
+    key = message.partition(":")[0]
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return default
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """Rebuild and validate a `Config` from `Config.to_dict()` output (e.g. stored in an artifact)."""
     if not isinstance(d, Mapping):
         raise YoloCompressError(f"config: expected a mapping, got {_show(d)}")
-    _check_keys(d, Config, "config dict")
+    _check_keys(d, Config, lambda key: "config dict")
     try:
         return _build(Config, d)
     except YoloCompressError as e:
@@ -471,45 +484,93 @@ def dump_yaml(config: Config, path: str | os.PathLike[str]) -> None:
 
 # --- loading -----------------------------------------------------------------------------------
 
-def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    """The file's mapping deep-merged over its `_base_` chain; keys checked against the file."""
+def _read_tree(path: Path, chain: tuple[Path, ...], top: Path, origins: dict[str, str]
+               ) -> dict[str, Any]:
+    """The file's mapping deep-merged over its `_base_` chain; keys checked against the file.
+
+    `origins` gets 'file:line' of every key, the child's where it overrides a base. A relative path
+    value in a file outside `top` (the folder of the experiment given to load_config) is made
+    absolute against that file's folder when it exists there (the path rule, applied to the file
+    that wrote it); values in `top`'s own files stay as written."""
     real = path.resolve()
     if real in chain:
         cycle = " -> ".join(p.name for p in (*chain, real))
         raise YoloCompressError(f"{path}: _base_ cycle: {cycle}")
-    data = _read_yaml(path)
+    data, lines = _read_yaml(path)
+    here = {key: f"{path}:{line}" for key, line in lines.items()}
     base = data.pop("_base_", None)
-    _check_keys(data, Config, str(path))
+    _check_keys(data, Config, lambda key: here.get(key, str(path)))
     if "source" in data:
-        raise YoloCompressError(f"{path}: 'source' is set by load_config from the file path; remove it")
+        raise YoloCompressError(f"{here.get('source', path)}: 'source' is set by load_config from "
+                                f"the file path; remove it")
+    if Path(os.path.abspath(path)).parent != top:
+        _anchor_paths(data, Path(os.path.abspath(path)).parent)
     if base is None:
+        origins.update(here)
         return data
     if not isinstance(base, str) or not base:
-        raise YoloCompressError(f"{path}: _base_ must be a YAML file name, got {_show(base)}")
+        raise YoloCompressError(f"{here.get('_base_', path)}: _base_ must be a YAML file name, got "
+                                f"a {type(base).__name__}")
     base_path = path.parent / base
     if not base_path.is_file():
-        raise YoloCompressError(f"{path}: _base_ file {base_path} not found")
-    parent = _read_tree(base_path, (*chain, real))
+        raise YoloCompressError(f"{here.get('_base_', path)}: _base_ file {base_path} not found")
+    parent = _read_tree(base_path, (*chain, real), top, origins)
     parent.pop("name", None)  # each experiment is named after its own file unless it says otherwise
+    origins.update(here)
     return _deep_merge(parent, data)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    """Relative path values of `data` that exist beside `folder` become absolute (in place)."""
+    for section, key in _path_keys():
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() \
+                and (folder / value).exists():
+            node[key] = os.path.abspath(folder / value)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The file's top-level mapping and the line of every dotted key in it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise YoloCompressError(f"{path}: experiment file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise YoloCompressError(f"{path}: cannot read: {e}") from e
+    except IsADirectoryError as e:
+        raise YoloCompressError(f"{path}: is a folder, not an experiment file") from e
+    except UnicodeDecodeError as e:
+        raise YoloCompressError(f"{path}: not a text (UTF-8) file") from e
+    except OSError as e:
+        raise YoloCompressError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
         data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise YoloCompressError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
-        raise YoloCompressError(f"{path}: expected a mapping of sections at the top, got {_show(data)}")
-    return data
+        raise YoloCompressError(f"{path}: expected a mapping of sections at the top, got "
+                                f"{_kind(data)}")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines
+
+
+def _key_lines(node: Any, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                _key_lines(v, f"{key}.", out)
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in a few words (not the value: that may be a whole file)."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters" if len(value) > 40 else repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _deep_merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
@@ -527,7 +588,7 @@ def _apply_override(merged: dict[str, Any], text: str, where: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise YoloCompressError(f"{where}: override {text!r} is not of the form key=value")
-    tp = _leaf_type(key, f"override {text!r} for {where}")
+    tp = _leaf_type(key, f"{where}: override {text!r}")
     try:
         value = _convert(_parse_text(raw.strip(), tp), tp)
     except ValueError as e:
@@ -593,12 +654,13 @@ def _build(cls: Any, data: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _check_keys(data: Mapping[str, Any], cls: Any, where: str, prefix: str = "") -> None:
+def _check_keys(data: Mapping[str, Any], cls: Any, where: Any, prefix: str = "") -> None:
+    """Unknown keys are errors; `where(dotted key)` says where the key was written."""
     hints = _hints(cls)
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            raise YoloCompressError(_unknown(path, where))
+            raise YoloCompressError(_unknown(path, where(path)))
         if is_dataclass(hints[key]) and isinstance(value, Mapping):
             _check_keys(value, hints[key], where, f"{path}.")
 
@@ -612,7 +674,7 @@ def _unknown(path: str, where: str) -> str:
     near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
     close = [siblings[near[0]]] if near else [k for k in valid if k.rpartition(".")[2] == leaf]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown key '{path}' in {where}{hint}"
+    return f"{where}: unknown key '{path}'{hint}"
 
 
 @functools.cache
@@ -718,7 +780,8 @@ def _require(ok: bool, name: str, requirement: str, value: Any) -> None:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _plain(obj: Any) -> Any:
