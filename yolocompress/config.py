@@ -35,6 +35,7 @@ from yolocompress.errors import YoloCompressError
 from yolocompress.fileio import atomic_open
 
 __all__ = [
+    "IMG_SIZE_RULE",
     "AugmentConfig",
     "Config",
     "DataConfig",
@@ -47,10 +48,18 @@ __all__ = [
     "config_from_dict",
     "dump_yaml",
     "load_config",
+    "valid_img_size",
 ]
 
+IMG_SIZE_RULE = "must be a positive multiple of 32"  # input sides; checked by `valid_img_size`
 _PATH = {"path": True}  # field metadata: a file path, resolved by Config.resolve_path
 _NULLS = {"", "~", "null", "Null", "NULL", "none", "None"}  # override spellings of "no value"
+
+
+def valid_img_size(value: Any) -> bool:
+    """The one rule for a network input side (config, artifacts, --img-size): the stride-32
+    heads need a positive multiple of 32."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % 32 == 0
 
 
 class _Section:
@@ -88,8 +97,7 @@ class ModelConfig(_Section):
     def _validate(self) -> None:
         _require(bool(self.cfg), "cfg", "must name a Darknet .cfg file", self.cfg)
         _require(self.classes is None or self.classes >= 1, "classes", "must be >= 1", self.classes)
-        _require(self.img_size > 0 and self.img_size % 32 == 0, "img_size",
-                 "must be a positive multiple of 32", self.img_size)
+        _require(valid_img_size(self.img_size), "img_size", IMG_SIZE_RULE, self.img_size)
         _require(self.weights is None or bool(self.weights), "weights", "must be a path or null",
                  self.weights)
 

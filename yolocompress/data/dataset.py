@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from tqdm import tqdm
 
-from ..config import AugmentConfig
+from ..config import IMG_SIZE_RULE, AugmentConfig, valid_img_size
 from ..errors import YoloCompressError
 from .records import Record
 from .transforms import augment_hsv, hflip, letterbox, mosaic4, random_affine, resize, scale_boxes
@@ -59,8 +59,8 @@ class DetectionDataset(Dataset):
     def __init__(self, records: Sequence[Record], img_size: int, augment: AugmentConfig | None = None,
                  letterbox: bool = False, cache_images: bool = False, drop_difficult: bool = True,
                  strict: bool = False) -> None:
-        if img_size <= 0 or img_size % 32:
-            raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
+        if not valid_img_size(img_size):
+            raise ValueError(f"img_size {IMG_SIZE_RULE}, got {img_size}")
         self.records = list(records)
         self.img_size = img_size
         self.augment = augment
