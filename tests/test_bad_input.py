@@ -305,3 +305,30 @@ def test_no_traceback_through_the_real_entry_point(art, tmp_path):
                         "--out", str(art)], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is the input" in r.stderr, r.stderr
+
+
+def test_a_garbled_training_image_is_skipped_and_reported_once(tmp_path, capsys, caplog):
+    from conftest import CHAIN_TRAIN
+    base = make_mini(tmp_path, train=CHAIN_TRAIN)
+    voc = next((base / "demo").glob("VOC*"))
+    first = (voc / "ImageSets" / "Main" / "train.txt").read_text().split()[0]
+    victim = voc / "JPEGImages" / f"{first}.jpg"
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:300] + bytes(len(raw) - 300))     # header intact, body garbled
+    exp = base / "exp.yaml"
+    assert "strict" not in exp.read_text()
+    line = fails(capsys, "train", "--config", exp, "data.strict=true")
+    assert line == f"error: {victim}: cannot read image (missing, unreadable or not an image)"
+    with caplog.at_level("WARNING", logger="yolocompress.data"):
+        assert main(["train", "--config", str(exp), "train.epochs=2"]) == 0   # default: not strict
+    notes = [r.getMessage() for r in caplog.records if "cannot read image" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith(f"{victim}: cannot read image"), notes
+    assert "next readable image in its place (1 bad image(s) so far" in notes[0]
+    assert (base / "runs" / "exp" / "baseline" / "best.pt").is_file()
+
+
+def test_the_demo_experiment_leaves_data_strict_at_its_default():
+    from yolocompress.config import DataConfig, load_config
+    assert DataConfig().strict is False
+    text = (ROOT / "cfg" / "experiments" / "demo.yaml").read_text()
+    assert "strict" not in text and load_config(ROOT / "cfg/experiments/demo.yaml").data.strict is False
