@@ -164,6 +164,9 @@ def test_outputs_below_a_file_are_one_line_errors(art, mini, tmp_path, capsys):
     (("eval", "A", "--data", "D", "--iou-thresh", "x"), "--iou-thresh: expected a number, got 'x'"),
     (("eval", "A", "--data", "D", "--batch-size", "two"), "--batch-size: expected an integer, got 'two'"),
     (("export", "A", "--format", "onnx"), "the following arguments are required: --out"),
+    (("export", "A", "--format", "onnx", "--out", ""), "--out: must be a path, got an empty string"),
+    (("eval", "A", "--data", "D", "--json", " "), "--json: must be a path, got an empty string"),
+    (("export", "A", "--format", "onnx", "--out", "x", "--opset", "0"), "--opset: must be >= 1, got 0"),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, args, needle):
     line = fails(capsys, *args)
@@ -238,6 +241,10 @@ def test_bad_artifact_image_and_weights_files(art, tmp_path, capsys):
                                           "--out", tmp_path / "x.pt")
     assert "opset 5 is too old" in fails(capsys, "export", art, "--format", "onnx", "--opset", "5",
                                          "--out", tmp_path / "m.onnx")
+    assert "opset 99 is newer than this torch's exporter supports (13 to" in fails(
+        capsys, "export", art, "--format", "onnx", "--opset", "99", "--out", tmp_path / "m.onnx")
+    assert "give a file stem for the .cfg and .weights" in fails(
+        capsys, "export", art, "--format", "darknet", "--out", "..")
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "m.onnx").exists()
 
 

@@ -332,6 +332,12 @@ def _img_size(text: str) -> int:
     return value
 
 
+def _out_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
 def _unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -370,14 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--names", help="file with one class name per line")
     s.add_argument("--img-size", type=_img_size, help="input size stored in the artifact")
     s.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    s.add_argument("--out", required=True, help="artifact path (.pt)")
+    s.add_argument("--out", required=True, type=_out_path, help="artifact path (.pt)")
     s.set_defaults(func=cmd_import_darknet)
 
     s = sub.add_parser("predict", help="detect objects in images with an artifact")
     s.add_argument("artifact")
     s.add_argument("images", nargs="+", help="image files or folders")
-    s.add_argument("--out", required=True, help="folder for annotated images <id>.jpg and "
-                   "detections.json (id: the file stem; <stem>-2, -3, ... where stems repeat)")
+    s.add_argument("--out", required=True, type=_out_path,
+                   help="folder for annotated images <id>.jpg and detections.json (id: the file "
+                        "stem; <stem>-2, -3, ... where stems repeat)")
     s.add_argument("--img-size", type=_img_size, help="input size (default: the artifact's)")
     s.add_argument("--conf-thresh", type=_unit_interval, default=0.25)
     s.add_argument("--iou-thresh", type=_unit_interval, default=0.45)
@@ -469,14 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_non_negative, default=2)
     s.add_argument("--conf-thresh", type=_unit_interval, default=0.005)
     s.add_argument("--iou-thresh", type=_unit_interval, default=0.45)
-    s.add_argument("--plots", help="folder for the PR-curve plot")
-    s.add_argument("--json", help="write {metric, map, per_class, ...} here")
+    s.add_argument("--plots", type=_out_path, help="folder for the PR-curve plot")
+    s.add_argument("--json", type=_out_path, help="write {metric, map, per_class, ...} here")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
     s.add_argument("artifact")
     s.add_argument("--format", choices=["darknet", "onnx"], required=True)
-    s.add_argument("--out", required=True, help="output path (darknet: stem of .cfg/.weights)")
+    s.add_argument("--out", required=True, type=_out_path,
+                   help="output path (darknet: stem of .cfg/.weights)")
     s.add_argument("--opset", type=_positive, default=17)
     s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
     s.set_defaults(func=cmd_export)

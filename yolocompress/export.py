@@ -24,6 +24,11 @@ from .models.yolo import decode
 
 __all__ = ["DecodedModel", "export_darknet", "export_onnx", "check_onnx"]
 
+try:   # the newest opset of the TorchScript exporter (dynamo=False) this torch has
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as _MAX_OPSET
+except ImportError:  # pragma: no cover - another torch: let the exporter say
+    _MAX_OPSET = 10 ** 6
+
 
 class DecodedModel(nn.Module):
     """Darknet model + decode: image batch -> (B, N, 5+C) decoded rows."""
@@ -42,6 +47,8 @@ def export_darknet(art: dict, out: str | Path, inputs: Sequence[str | Path] = ()
     Neither may be one of `inputs` (the files the export reads, e.g. the artifact)."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".cfg", ".weights") else out
+    if stem.name in ("", ".", ".."):
+        raise YoloCompressError(f"{out}: give a file stem for the .cfg and .weights, e.g. export/model")
     cfg_path, weights_path = stem.with_suffix(".cfg"), stem.with_suffix(".weights")
     refuse_overwrite([cfg_path, weights_path], inputs)
     model = build_model(art)
@@ -60,6 +67,9 @@ def export_onnx(art: dict, out: str | Path, opset: int = 17, dynamic_batch: bool
     one of `inputs`."""
     if opset < 13:
         raise YoloCompressError(f"ONNX opset {opset} is too old; use 13 or newer")
+    if opset > _MAX_OPSET:
+        raise YoloCompressError(f"ONNX opset {opset} is newer than this torch's exporter supports "
+                                f"(13 to {_MAX_OPSET})")
     out = Path(out)
     refuse_overwrite([out], inputs)
     model = DecodedModel(build_model(art)).eval()
