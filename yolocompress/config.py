@@ -3,12 +3,15 @@
 `load_config(path, overrides)` reads a YAML experiment (optionally `_base_: other.yaml`, deep-merged),
 applies `a.b=c` overrides converted to each default's declared type, and returns a validated,
 frozen `Config`. Unknown keys, bad types and bad values raise `YoloCompressError` with a one-line
-message naming the file and the key.
+message `<file>:<line>: <key>: <problem>` naming the file and line that set the key (a `_base_`
+file's where the value came from there), or `<file>: override '<a.b=c>': ...`. This is the one place
+values are checked: runtime classes take the validated sections (e.g. `AugmentConfig`).
 
 Path rule (`Config.resolve_path`): a relative path (model.cfg, model.weights, data.descriptor) is
-taken relative to the folder of the experiment file given to `load_config` (`Config.source`, not
-a `_base_` file's folder) if it exists there, else relative to the current directory. `to_dict()`
-keeps the strings the user wrote; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
+taken beside the file that wrote it if it exists there, else relative to the current directory.
+Values of the experiment file given to `load_config` (`Config.source`) and of `_base_` files in its
+folder stay as written and resolve beside `source`; a `_base_` file elsewhere has its existing
+relative paths made absolute when it is read. `to_dict()` keeps the strings otherwise; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
 `require_file('model.cfg')` also checks that the file is there (commands call it; loading does not).
 
 To add a section (sparse, prune, distill): write one dataclass deriving from `_Section` (one
