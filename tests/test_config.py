@@ -387,3 +387,46 @@ def test_augment_jitter_has_one_rule_through_the_command(tmp_path, capsys):
     assert err == [f"error: {EXPERIMENTS / 'demo.yaml'}: override 'augment.jitter=0.6': augment.jitter: "
                    f"must be in [0, 0.5), got 0.6"]
     assert not any(tmp_path.iterdir())
+
+
+def test_runtime_classes_accept_every_edge_value_the_config_accepts(tmp_path):
+    """config.py is the one place values are checked: whatever it lets through, the runtime classes
+    built from it take (no second, stricter rule that turns into a traceback mid-run)."""
+    import numpy as np
+    import torch
+
+    from yolocompress.compress.prune import MaskSettings
+    from yolocompress.compress.sparsity import build_schedule
+    from yolocompress.config import AugmentConfig, PruneConfig, SparseConfig
+    from yolocompress.data.dataset import DetectionDataset
+    from yolocompress.data.records import Record
+    from yolocompress.train.ema import ModelEMA
+    from yolocompress.train.hooks import LRSchedule
+
+    edges = [dict(schedule=s, s=1e-9, switch_at=0.0, protect=p, decay=p, step_at=1e-6, step_factor=0.0,
+                  warmup=w, final_ratio=p, target_fraction=f, target_threshold=1e-12, target_epoch=1)
+             for s in ("local_decay", "constant", "step", "cosine", "linear", "target")
+             for p, w, f in ((0.0, 0.0, 1e-6), (1.0, 0.999, 0.999999))]
+    for e in edges:
+        build_schedule(SparseConfig(**e), epochs=1)
+    for keep, n in ((1.0, 1), (1e-9, 10 ** 6)):
+        p = PruneConfig(min_keep=keep, min_channels=n, round_to=n, merge="union")
+        MaskSettings(p.min_keep, p.min_channels, p.round_to, p.merge)
+    for t in (TrainConfig(burn_in=0, burn_in_power=1e-9, steps=(), scales=1.0, schedule="cosine"),
+              TrainConfig(steps=(1e-9, 0.999999), scales=1e-9, ema_decay=1e-9),
+              TrainConfig(ema_decay=0.999999999)):
+        LRSchedule(t.burn_in, t.burn_in_power, t.schedule, t.steps, t.scales, final_ratio=t.scales)
+        ModelEMA(torch.nn.Linear(1, 1), decay=t.ema_decay)
+    img = tmp_path / "i.png"
+    import cv2
+    cv2.imwrite(str(img), np.full((40, 60, 3), 90, np.uint8))
+    records = [Record(str(img), 60, 40, [[5, 5, 30, 30]], [0])]
+    for a in (AugmentConfig(mosaic=1.0, hsv_h=0.5, hsv_s=1.0, hsv_v=1.0, flip=1.0, jitter=0.4999,
+                            translate=0.999, degrees=180.0),
+              AugmentConfig(mosaic=0.0, hsv_s=100.0, hsv_v=100.0, jitter=0.0)):
+        for letterbox in (False, True):
+            ds = DetectionDataset(records, 32, a, letterbox=letterbox)
+            for seed in range(20):
+                ds.reseed(seed)
+                im, targets, _ = ds[0]
+                assert im.shape == (3, 32, 32) and torch.isfinite(targets).all()
