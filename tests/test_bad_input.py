@@ -144,6 +144,7 @@ def test_outputs_below_a_file_are_one_line_errors(art, mini, tmp_path, capsys):
     assert expect in fails(capsys, "predict", art, img[0], "--out", f / "pred")
     desc, a = mini
     assert expect in fails(capsys, "eval", a, "--data", desc, "--json", f / "e.json")
+    assert expect in fails(capsys, "eval", a, "--data", desc, "--plots", f)
     assert "is a folder; give a file name" in fails(capsys, "export", art, "--format", "onnx",
                                                     "--out", tmp_path)
     assert f.read_text() == "x"
