@@ -14,7 +14,7 @@ from yolocompress.benchmarks import machine, run_script, write_result
 from yolocompress.data.dataset import DetectionDataset, build_loader
 from yolocompress.data.formats import read_split
 from yolocompress.data.synthetic import DEMO_CLASSES, DEMO_VERSION, DEMO_YEAR, ensure_demo
-from yolocompress.data.transforms import AugmentConfig
+from yolocompress.config import AugmentConfig
 
 SECTION = "## Data loading"
 

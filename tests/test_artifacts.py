@@ -64,8 +64,34 @@ class Evil:
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"format": FORMAT, "obj": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(YoloCompressError, match="corrupt or truncated|not a readable"):
+    with pytest.raises(YoloCompressError) as e:
         load_artifact(tmp_path / "evil.pt")
+    assert str(e.value) == (f"{tmp_path / 'evil.pt'}: not a plain-data artifact: it holds a pickled "
+                            f"Python object ({__name__}.Evil), which is refused for safety (only "
+                            f"tensors, numbers, strings, lists and dicts are loaded)")
+    for name, data in (("junk", b"\x80\x02junk"), ("text", b"hello world\n"), ("empty", b""),
+                       ("noise", bytes(range(256)) * 8), ("zip", b"PK\x05\x06" + b"\x00" * 18)):
+        (tmp_path / f"{name}.pt").write_bytes(data)
+        with pytest.raises(YoloCompressError, match=rf"{name}.pt: not a readable artifact \(corrupt"):
+            load_artifact(tmp_path / f"{name}.pt")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", [100, 100], r"input_size must be \[height, width\], each must be a positive multiple "
+                               r"of 32; got \[100, 100\]"),
+    ("input_size", "416", "input_size must be"),
+    ("input_size", [416], "input_size must be"),
+    ("input_size", [416.0, 416.0], "input_size must be"),
+    ("classes", [], "classes must be a non-empty list of names"),
+    ("classes", [1, 2], "classes must be a non-empty list of names"),
+    ("cfg", 7, "cfg must be Darknet cfg text, got a int"),
+    ("state_dict", {"a": 1}, "state_dict must map names to tensors"),
+])
+def test_malformed_plain_fields_are_one_line_errors(tmp_path, key, value, message):
+    _, art = _art()
+    torch.save({**art, key: value}, tmp_path / "bad.pt")
+    with pytest.raises(YoloCompressError, match=rf"^{tmp_path / 'bad.pt'}: {message}"):
+        load_artifact(tmp_path / "bad.pt")
 
 
 def test_cfg_state_dict_disagreement(tmp_path):

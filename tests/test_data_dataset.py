@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from yolocompress.config import AugmentConfig
 from yolocompress.data.dataset import DetectionDataset, build_loader, collate, to_original
 from yolocompress.data.records import Record
-from yolocompress.data.transforms import AugmentConfig
 from yolocompress.errors import YoloCompressError
 
 SIZES = [(120, 80), (64, 64), (90, 150), (200, 100), (77, 131), (100, 100)]   # (w, h)
@@ -117,14 +117,80 @@ def test_unreadable_and_mis_sized_images_name_the_file(records, tmp_path):
         DetectionDataset([Record(str(bad), 10, 10)], 64)[0]
     wrong = Record(records[0].image, 121, 80)
     with pytest.raises(YoloCompressError, match="im0.png: image is 120x80 but its annotation says 121x80"):
-        DetectionDataset([wrong], 64, cache_images=True)
+        DetectionDataset([wrong], 64, cache_images=True, strict=True)
+    with pytest.raises(YoloCompressError, match="im0.png: image is 120x80"):   # evaluation: no skipping
+        DetectionDataset([wrong], 64, cache_images=True)[0]
+
+
+def _garbled_jpeg(path, w: int, h: int) -> None:
+    """A JPEG whose header (and so its size) reads fine but whose body is noise: cv2 decodes nothing."""
+    ok, buf = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8))
+    data = buf.tobytes()
+    path.write_bytes(data[:200] + bytes(np.random.default_rng(1).integers(0, 255, len(data) - 200, np.uint8)))
+
+
+@pytest.fixture
+def one_garbled(records, tmp_path):
+    """The records with record 2 replaced by a garbled JPEG of the same size."""
+    bad = tmp_path / "garbled.jpg"
+    _garbled_jpeg(bad, records[2].width, records[2].height)
+    r = records[2]
+    return records[:2] + [Record(str(bad), r.width, r.height, r.boxes, r.labels, r.difficult)] + records[3:]
+
+
+@pytest.mark.parametrize("cache_images", [False, True])
+def test_a_garbled_training_image_is_replaced_by_the_next_readable_one(records, one_garbled, cache_images):
+    ds = DetectionDataset(one_garbled, 64, augment=AugmentConfig(mosaic=0.0), cache_images=cache_images)
+    ref = DetectionDataset(records, 64, augment=AugmentConfig(mosaic=0.0))
+    ds.reseed(5)
+    ref.reseed(5)
+    img, targets, meta = ds[2]
+    img3, targets3, _ = ref[3]          # record 3 in its place, with the same random draws
+    assert torch.equal(img, img3) and torch.equal(targets, targets3)
+    assert len(meta["replaced"]) == 1 and "garbled.jpg: cannot read image" in meta["replaced"][0]
+    assert ds[1][2]["replaced"] == []
+    assert ds[2][2]["replaced"] == []   # known bad now: skipped without a second attempt or note
+
+
+def test_strict_makes_a_garbled_training_image_an_error(one_garbled):
+    ds = DetectionDataset(one_garbled, 64, augment=AugmentConfig(mosaic=0.0), strict=True)
+    with pytest.raises(YoloCompressError, match="garbled.jpg: cannot read image"):
+        ds[2]
+    with pytest.raises(YoloCompressError, match="garbled.jpg: cannot read image"):
+        DetectionDataset(one_garbled, 64, augment=AugmentConfig(), cache_images=True, strict=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_reports_each_replaced_image_once(one_garbled, workers, caplog):
+    ds = DetectionDataset(one_garbled, 64, augment=AugmentConfig(mosaic=1.0))
+    loader = build_loader(ds, 3, True, workers, seed=0, pin_memory=False)
+    with caplog.at_level("WARNING", logger="yolocompress.data"):
+        for _ in range(3):
+            assert sum(len(b[0]) for b in loader) == len(one_garbled)   # every sample is there
+    assert len(loader.replaced) == 1 and "garbled.jpg" in loader.replaced[0]
+    warnings = [r.getMessage() for r in caplog.records if "garbled.jpg" in r.getMessage()]
+    assert len(warnings) == 1 and "next readable image" in warnings[0] and "1 bad image" in warnings[0]
+
+
+def test_no_readable_training_image_is_one_error(tmp_path):
+    bad = tmp_path / "garbled.jpg"
+    _garbled_jpeg(bad, 50, 40)
+    ds = DetectionDataset([Record(str(bad), 50, 40)] * 2, 64, augment=AugmentConfig())
+    with pytest.raises(YoloCompressError, match="none of the 2 training images can be read, e.g. .*garbled"):
+        ds[0]
+
+
+def test_a_worker_error_reaches_the_caller_as_its_one_line_message(one_garbled):
+    loader = build_loader(DetectionDataset(one_garbled, 64), 2, False, 2, seed=0, pin_memory=False)
+    with pytest.raises(YoloCompressError) as e:
+        list(loader)
+    assert str(e.value).endswith("garbled.jpg: cannot read image (missing, unreadable or not an image)")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_bad_arguments(records):
     with pytest.raises(ValueError, match="multiple of 32"):
         DetectionDataset(records, 100)
-    with pytest.raises(ValueError, match="letterbox"):
-        DetectionDataset(records, 64, augment=AugmentConfig(letterbox=True), letterbox=False)
     with pytest.raises(ValueError, match="torch.distributed"):
         build_loader(DetectionDataset(records, 64), 2, True, 0, seed=0, distributed=True)
 

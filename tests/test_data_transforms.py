@@ -5,8 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
-from yolocompress.data.transforms import (PAD_VALUE, AugmentConfig, augment_hsv, filter_boxes, hflip, letterbox,
-                                          mosaic4, random_affine, resize, scale_boxes)
+from yolocompress.config import AugmentConfig
+from yolocompress.data.transforms import (PAD_VALUE, augment_hsv, filter_boxes, hflip, letterbox, mosaic4,
+                                          random_affine, resize, scale_boxes)
+from yolocompress.errors import YoloCompressError
 
 
 def _scene(w: int, h: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
@@ -192,13 +194,23 @@ def test_hsv_hue_shift_bounded_by_hgain_of_the_circle():
 
 
 @pytest.mark.parametrize("field,value", [("mosaic", 1.5), ("flip", -0.1), ("hsv_s", 0.5), ("jitter", 0.6),
-                                         ("degrees", 200.0)])
+                                         ("jitter", 0.5), ("degrees", 200.0)])
 def test_augment_config_rejects_out_of_range(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(YoloCompressError, match=field):
         AugmentConfig(**{field: value})
+
+
+def test_jitter_just_below_half_still_gives_a_crop():
+    # the one rule (config.AugmentConfig): jitter < 0.5, so the crop width w - dl - dr stays > 0
+    a = AugmentConfig(jitter=0.49)
+    img = np.full((40, 60, 3), 200, np.uint8)
+    for s in range(50):
+        out, boxes, _ = random_affine(img, np.array([[10, 10, 50, 30]], np.float32), np.array([0]),
+                                      np.random.default_rng(s), 32, a.jitter)
+        assert out.shape == (32, 32, 3) and np.isfinite(boxes).all()
 
 
 def test_augment_config_defaults_are_darknet_yolov4():
     a = AugmentConfig()
-    assert (a.mosaic, a.hsv_h, a.hsv_s, a.hsv_v, a.flip, a.jitter, a.degrees, a.letterbox) == \
-        (0.5, 0.1, 1.5, 1.5, 0.5, 0.3, 0.0, False)
+    assert (a.mosaic, a.hsv_h, a.hsv_s, a.hsv_v, a.flip, a.jitter, a.degrees) == \
+        (0.5, 0.1, 1.5, 1.5, 0.5, 0.3, 0.0)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import IMG_SIZE_RULE, valid_img_size
 from .errors import YoloCompressError
 from .fileio import atomic_open
 from .models.cfg import parse_cfg, write_cfg
@@ -75,7 +78,16 @@ def load_artifact(path: str | os.PathLike, check: bool = True) -> dict:
         raise YoloCompressError(f"{path}: no such artifact file")
     try:
         art = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler names a refused class as "Unsupported global: GLOBAL x.Y";
+        # any other complaint of it is about bytes that are no pickle at all
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise YoloCompressError(f"{path}: not a plain-data artifact: it holds a pickled Python "
+                                    f"object ({found.group(1)}), which is refused for safety (only "
+                                    f"tensors, numbers, strings, lists and dicts are loaded)") from e
+        raise YoloCompressError(f"{path}: not a readable artifact (corrupt or not a .pt file)") from e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, struct.error) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise YoloCompressError(f"{path}: not a readable artifact (corrupt or truncated?): "
                                 f"{first[:200]}") from e
@@ -87,9 +99,27 @@ def load_artifact(path: str | os.PathLike, check: bool = True) -> dict:
     missing = [k for k in _REQUIRED if k not in art]
     if missing:
         raise YoloCompressError(f"{path}: artifact is missing {', '.join(missing)}")
+    _check_fields(art, str(path))
     if check:
         build_model(art, source=str(path))
     return art
+
+
+def _check_fields(art: dict, source: str) -> None:
+    """The plain fields commands read directly: input_size [h, w], classes, cfg, state_dict."""
+    size = art["input_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(valid_img_size, size))):
+        raise YoloCompressError(f"{source}: input_size must be [height, width], each {IMG_SIZE_RULE}; "
+                                f"got {str(size)[:60]}")
+    classes = art["classes"]
+    if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
+        raise YoloCompressError(f"{source}: classes must be a non-empty list of names; got "
+                                f"{str(classes)[:60]}")
+    if not isinstance(art["cfg"], str):
+        raise YoloCompressError(f"{source}: cfg must be Darknet cfg text, got a {type(art['cfg']).__name__}")
+    sd = art["state_dict"]
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise YoloCompressError(f"{source}: state_dict must map names to tensors")
 
 
 def build_model(art: dict, source: str = "<artifact>") -> Darknet:

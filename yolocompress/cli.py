@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,12 +57,19 @@ def cmd_info(args) -> None:
 
 def cmd_import_darknet(args) -> None:
     from .artifacts import artifact_from_model, save_artifact
+    from .fileio import refuse_overwrite
     from .models.cfg import read_cfg
     from .models.darknet import Darknet
     from .models.weights import load_darknet_weights
 
+    refuse_overwrite([args.out], [args.cfg, args.weights, args.names])
     blocks = read_cfg(args.cfg)
     names = _class_names(args.names, args.classes)
+    if names is None:
+        classes = Darknet(blocks).classes
+        names = [f"class{i}" for i in range(classes)]
+        print(f"{args.cfg}: no --classes or --names: {classes} classes as the cfg's [yolo] says, "
+              f"named class0..class{classes - 1}", file=sys.stderr)
     import torch
     torch.manual_seed(args.seed)
     model = Darknet(blocks, classes=len(names))
@@ -79,20 +87,28 @@ def cmd_import_darknet(args) -> None:
     print(f"wrote {args.out} (stage imported, {len(names)} classes, sha256 {sha[:12]})")
 
 
-def _class_names(names: str | None, classes: int | None) -> list[str]:
+def _class_names(names: str | None, classes: int | None) -> list[str] | None:
+    """Names from --names (one per line), else class0..N-1 for --classes N, else None."""
     if names:
         path = Path(names)
         if not path.is_file():
             raise YoloCompressError(f"{names}: no such names file")
-        out = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise YoloCompressError(f"{names}: not a text file of class names (not UTF-8)") from e
+        out = [s.strip() for s in text.splitlines() if s.strip()]
         if not out:
             raise YoloCompressError(f"{names}: the names file is empty")
+        if "\x00" in text or not all(s.isprintable() for s in out):
+            raise YoloCompressError(f"{names}: not a text file of class names (control characters)")
+        dup = sorted({n for n in out if out.count(n) > 1})
+        if dup:
+            raise YoloCompressError(f"{names}: class names repeated: {', '.join(dup)}")
         if classes is not None and classes != len(out):
             raise YoloCompressError(f"{names}: {len(out)} names but --classes {classes}")
         return out
-    if classes is None:
-        raise YoloCompressError("give --classes N or --names FILE")
-    return [f"class{i}" for i in range(classes)]
+    return None if classes is None else [f"class{i}" for i in range(classes)]
 
 
 def cmd_export(args) -> None:
@@ -101,10 +117,10 @@ def cmd_export(args) -> None:
 
     art = load_artifact(args.artifact)
     if args.format == "darknet":
-        cfg, weights = export_darknet(art, args.out)
+        cfg, weights = export_darknet(art, args.out, inputs=[args.artifact])
         print(f"wrote {cfg} and {weights}")
     else:
-        out = export_onnx(art, args.out, opset=args.opset)
+        out = export_onnx(art, args.out, opset=args.opset, inputs=[args.artifact])
         print(f"wrote {out}")
         if args.check:
             from .export import check_onnx
@@ -116,10 +132,13 @@ def cmd_predict(args) -> None:
     from .artifacts import build_model, load_artifact
     from .inference import predict_images
 
+    from .fileio import refuse_overwrite
+
+    paths = _expand_images(args.images)
+    refuse_overwrite([args.out], [args.artifact, *args.images])
     art = load_artifact(args.artifact)
     model = build_model(art, source=args.artifact)
     size = args.img_size or art["input_size"][0]
-    paths = _expand_images(args.images)
     dets = predict_images(model, art["classes"], paths, args.out, size,
                           model.letterbox if args.letterbox is None else args.letterbox,
                           args.conf_thresh, args.iou_thresh, args.max_det)
@@ -131,18 +150,26 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _expand_images(items: list[str]) -> list[Path]:
+    """Files as given and the images of folders (sorted), each file once (by its resolved path)."""
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES
+                            and q.is_file())
         elif p.is_file():
             paths.append(p)
         else:
             raise YoloCompressError(f"{item}: no such image file or folder")
     if not paths:
         raise YoloCompressError(f"no images found in {' '.join(items)}")
-    return paths
+    seen: set[str] = set()
+    unique = []
+    for p in paths:
+        if os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            unique.append(p)
+    return unique
 
 
 def cmd_data_demo(args) -> None:
@@ -233,7 +260,10 @@ def cmd_bench(args) -> None:
 def cmd_eval(args) -> None:
     from .data.descriptor import load_descriptor, load_split
     from .eval.evaluate import evaluate_detections, evaluate_model
+    from .fileio import atomic_open, refuse_overwrite
 
+    if args.json:
+        refuse_overwrite([args.json], [args.artifact, args.data, args.detections])
     desc = load_descriptor(args.data)
     records = load_split(desc, args.split)
     if args.detections:
@@ -255,7 +285,6 @@ def cmd_eval(args) -> None:
                              plots_dir=args.plots)
     _print_eval(res)
     if args.json:
-        from .fileio import atomic_open
         with atomic_open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)
 
@@ -271,6 +300,54 @@ def _print_eval(res: dict) -> None:
     print(f"mAP ({res['metric']}): {res['map']:.4f}   [{extras}]")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the one line `error: ...` (status 2) of every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_type(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return value
+    return parse
+
+
+_positive = _int_type(1, "must be >= 1")
+_non_negative = _int_type(0, "must be >= 0")
+
+
+def _img_size(text: str) -> int:
+    from .config import IMG_SIZE_RULE, valid_img_size
+
+    value = _int_type(1, IMG_SIZE_RULE)(text)
+    if not valid_img_size(value):
+        raise argparse.ArgumentTypeError(f"{IMG_SIZE_RULE}, got {value}")
+    return value
+
+
+def _out_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def _stage_command(sub, name: str, help_: str, config_help: str, example: str):
     """A training-stage sub-command: --config, dotted overrides, --force."""
     s = sub.add_parser(name, help=help_)
@@ -281,34 +358,37 @@ def _stage_command(sub, name: str, help_: str, config_help: str, example: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="yolocompress", description=__doc__.splitlines()[0])
+    p = _Parser(prog="yolocompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="per-layer shapes, params and FLOPs of a cfg or artifact")
     s.add_argument("source", help="Darknet .cfg or artifact .pt")
-    s.add_argument("--img-size", type=int, help="square input size (default: the cfg's [net])")
-    s.add_argument("--classes", type=int, help="rewrite the heads for this many classes")
+    s.add_argument("--img-size", type=_img_size, help="square input size (default: the cfg's [net])")
+    s.add_argument("--classes", type=_positive, help="rewrite the heads for this many classes")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("import-darknet", help="Darknet cfg [+ weights] -> artifact")
     s.add_argument("cfg")
     s.add_argument("weights", nargs="?", help="Darknet .weights (full or partial, e.g. .conv.137)")
-    s.add_argument("--classes", type=int, help="number of classes (heads are rewritten)")
+    s.add_argument("--classes", type=_positive, help="number of classes (heads are rewritten; "
+                                                      "default: the cfg's, named class0..N-1)")
     s.add_argument("--names", help="file with one class name per line")
-    s.add_argument("--img-size", type=int, help="input size stored in the artifact")
+    s.add_argument("--img-size", type=_img_size, help="input size stored in the artifact")
     s.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    s.add_argument("--out", required=True, help="artifact path (.pt)")
+    s.add_argument("--out", required=True, type=_out_path, help="artifact path (.pt)")
     s.set_defaults(func=cmd_import_darknet)
 
     s = sub.add_parser("predict", help="detect objects in images with an artifact")
     s.add_argument("artifact")
     s.add_argument("images", nargs="+", help="image files or folders")
-    s.add_argument("--out", required=True, help="folder for annotated images and detections.json")
-    s.add_argument("--img-size", type=int, help="input size (default: the artifact's)")
-    s.add_argument("--conf-thresh", type=float, default=0.25)
-    s.add_argument("--iou-thresh", type=float, default=0.45)
-    s.add_argument("--max-det", type=int, default=300)
+    s.add_argument("--out", required=True, type=_out_path,
+                   help="folder for annotated images <id>.jpg and detections.json (id: the file "
+                        "stem; <stem>-2, -3, ... where stems repeat)")
+    s.add_argument("--img-size", type=_img_size, help="input size (default: the artifact's)")
+    s.add_argument("--conf-thresh", type=_unit_interval, default=0.25)
+    s.add_argument("--iou-thresh", type=_unit_interval, default=0.45)
+    s.add_argument("--max-det", type=_positive, default=300)
     s.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the aspect ratio (default: as the cfg's letter_box says)")
     s.set_defaults(func=cmd_predict)
@@ -391,20 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="val")
     s.add_argument("--metric", choices=["voc07", "voc12", "coco"], default="voc07")
     s.add_argument("--detections", help="COCO-results JSON (image_id = file stem) made elsewhere")
-    s.add_argument("--img-size", type=int)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--conf-thresh", type=float, default=0.005)
-    s.add_argument("--iou-thresh", type=float, default=0.45)
-    s.add_argument("--plots", help="folder for the PR-curve plot")
-    s.add_argument("--json", help="write {metric, map, per_class, ...} here")
+    s.add_argument("--img-size", type=_img_size)
+    s.add_argument("--batch-size", type=_positive, default=16)
+    s.add_argument("--workers", type=_non_negative, default=2)
+    s.add_argument("--conf-thresh", type=_unit_interval, default=0.005)
+    s.add_argument("--iou-thresh", type=_unit_interval, default=0.45)
+    s.add_argument("--plots", type=_out_path, help="folder for the PR-curve plot")
+    s.add_argument("--json", type=_out_path, help="write {metric, map, per_class, ...} here")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
     s.add_argument("artifact")
     s.add_argument("--format", choices=["darknet", "onnx"], required=True)
-    s.add_argument("--out", required=True, help="output path (darknet: stem of .cfg/.weights)")
-    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--out", required=True, type=_out_path,
+                   help="output path (darknet: stem of .cfg/.weights)")
+    s.add_argument("--opset", type=_positive, default=17)
     s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
     s.set_defaults(func=cmd_export)
     return p

@@ -3,12 +3,15 @@
 `load_config(path, overrides)` reads a YAML experiment (optionally `_base_: other.yaml`, deep-merged),
 applies `a.b=c` overrides converted to each default's declared type, and returns a validated,
 frozen `Config`. Unknown keys, bad types and bad values raise `YoloCompressError` with a one-line
-message naming the file and the key.
+message `<file>:<line>: <key>: <problem>` naming the file and line that set the key (a `_base_`
+file's where the value came from there), or `<file>: override '<a.b=c>': ...`. This is the one place
+values are checked: runtime classes take the validated sections (e.g. `AugmentConfig`).
 
 Path rule (`Config.resolve_path`): a relative path (model.cfg, model.weights, data.descriptor) is
-taken relative to the folder of the experiment file given to `load_config` (`Config.source`, not
-a `_base_` file's folder) if it exists there, else relative to the current directory. `to_dict()`
-keeps the strings the user wrote; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
+taken beside the file that wrote it if it exists there, else relative to the current directory.
+Values of the experiment file given to `load_config` (`Config.source`) and of `_base_` files in its
+folder stay as written and resolve beside `source`; a `_base_` file elsewhere has its existing
+relative paths made absolute when it is read. `to_dict()` keeps the strings otherwise; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
 `require_file('model.cfg')` also checks that the file is there (commands call it; loading does not).
 
 To add a section (sparse, prune, distill): write one dataclass deriving from `_Section` (one
@@ -35,6 +38,7 @@ from yolocompress.errors import YoloCompressError
 from yolocompress.fileio import atomic_open
 
 __all__ = [
+    "IMG_SIZE_RULE",
     "AugmentConfig",
     "Config",
     "DataConfig",
@@ -47,10 +51,18 @@ __all__ = [
     "config_from_dict",
     "dump_yaml",
     "load_config",
+    "valid_img_size",
 ]
 
+IMG_SIZE_RULE = "must be a positive multiple of 32"  # input sides; checked by `valid_img_size`
 _PATH = {"path": True}  # field metadata: a file path, resolved by Config.resolve_path
 _NULLS = {"", "~", "null", "Null", "NULL", "none", "None"}  # override spellings of "no value"
+
+
+def valid_img_size(value: Any) -> bool:
+    """The one rule for a network input side (config, artifacts, --img-size): the stride-32
+    heads need a positive multiple of 32."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % 32 == 0
 
 
 class _Section:
@@ -88,8 +100,7 @@ class ModelConfig(_Section):
     def _validate(self) -> None:
         _require(bool(self.cfg), "cfg", "must name a Darknet .cfg file", self.cfg)
         _require(self.classes is None or self.classes >= 1, "classes", "must be >= 1", self.classes)
-        _require(self.img_size > 0 and self.img_size % 32 == 0, "img_size",
-                 "must be a positive multiple of 32", self.img_size)
+        _require(valid_img_size(self.img_size), "img_size", IMG_SIZE_RULE, self.img_size)
         _require(self.weights is None or bool(self.weights), "weights", "must be a path or null",
                  self.weights)
 
@@ -100,7 +111,8 @@ class DataConfig(_Section):
     descriptor: str = field(default="data/voc.yaml", metadata=_PATH)
     workers: int = 4                      # DataLoader workers per device; 0 = load in the main process
     cache_images: bool = False            # keep decoded images in RAM after the first epoch
-    strict: bool = True                   # a bad annotation is an error, not a warning that skips it
+    # the first bad item (annotation, image) is an error; false: skipped, counted, reported once
+    strict: bool = False
 
     def _validate(self) -> None:
         _require(bool(self.descriptor), "descriptor", "must name a data-set YAML", self.descriptor)
@@ -172,8 +184,9 @@ class AugmentConfig(_Section):
         for name in ("mosaic", "flip"):
             _require(0 <= getattr(self, name) <= 1, name, "must be a probability in [0, 1]",
                      getattr(self, name))
-        for name in ("jitter", "translate"):
-            _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        # each crop border moves by up to jitter x side, so at 0.5 the crop can shrink to nothing
+        _require(0 <= self.jitter < 0.5, "jitter", "must be in [0, 0.5)", self.jitter)
+        _require(0 <= self.translate < 1, "translate", "must be in [0, 1)", self.translate)
         for name in ("hsv_s", "hsv_v"):
             _require(getattr(self, name) >= 1, name, "must be >= 1 (1 = off)", getattr(self, name))
         _require(0 <= self.hsv_h <= 0.5, "hsv_h", "must be in [0, 0.5]", self.hsv_h)
@@ -422,23 +435,36 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """Read an experiment YAML (with `_base_` inheritance), apply `a.b=c` overrides, validate."""
     path = Path(path)
     where = str(path)
-    merged = _read_tree(path, ())
+    origins: dict[str, str] = {}
+    merged = _read_tree(path, (), Path(os.path.abspath(path)).parent, origins)
     for text in overrides:
         _apply_override(merged, text, where)
+        origins[text.partition("=")[0].strip()] = f"{where}: override {text!r}"
     if merged.get("name") is None:
         merged["name"] = path.stem
     merged["source"] = os.path.abspath(path)
     try:
         return _build(Config, merged)
     except YoloCompressError as e:
-        raise YoloCompressError(f"{where}: {e}") from e
+        raise YoloCompressError(f"{_origin(str(e), origins, where)}: {e}") from e
+
+
+def _origin(message: str, origins: Mapping[str, str], default: str) -> str:
+    """Where the key a validation message starts with ('train.lr: ...') was set: 'file:line' or
+    'file: override ...'; a cross-key check names its section's line; `default` if unknown."""
+    key = message.partition(":")[0]
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return default
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """Rebuild and validate a `Config` from `Config.to_dict()` output (e.g. stored in an artifact)."""
     if not isinstance(d, Mapping):
         raise YoloCompressError(f"config: expected a mapping, got {_show(d)}")
-    _check_keys(d, Config, "config dict")
+    _check_keys(d, Config, lambda key: "config dict")
     try:
         return _build(Config, d)
     except YoloCompressError as e:
@@ -469,45 +495,93 @@ def dump_yaml(config: Config, path: str | os.PathLike[str]) -> None:
 
 # --- loading -----------------------------------------------------------------------------------
 
-def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    """The file's mapping deep-merged over its `_base_` chain; keys checked against the file."""
+def _read_tree(path: Path, chain: tuple[Path, ...], top: Path, origins: dict[str, str]
+               ) -> dict[str, Any]:
+    """The file's mapping deep-merged over its `_base_` chain; keys checked against the file.
+
+    `origins` gets 'file:line' of every key, the child's where it overrides a base. A relative path
+    value in a file outside `top` (the folder of the experiment given to load_config) is made
+    absolute against that file's folder when it exists there (the path rule, applied to the file
+    that wrote it); values in `top`'s own files stay as written."""
     real = path.resolve()
     if real in chain:
         cycle = " -> ".join(p.name for p in (*chain, real))
         raise YoloCompressError(f"{path}: _base_ cycle: {cycle}")
-    data = _read_yaml(path)
+    data, lines = _read_yaml(path)
+    here = {key: f"{path}:{line}" for key, line in lines.items()}
     base = data.pop("_base_", None)
-    _check_keys(data, Config, str(path))
+    _check_keys(data, Config, lambda key: here.get(key, str(path)))
     if "source" in data:
-        raise YoloCompressError(f"{path}: 'source' is set by load_config from the file path; remove it")
+        raise YoloCompressError(f"{here.get('source', path)}: 'source' is set by load_config from "
+                                f"the file path; remove it")
+    if Path(os.path.abspath(path)).parent != top:
+        _anchor_paths(data, Path(os.path.abspath(path)).parent)
     if base is None:
+        origins.update(here)
         return data
     if not isinstance(base, str) or not base:
-        raise YoloCompressError(f"{path}: _base_ must be a YAML file name, got {_show(base)}")
+        raise YoloCompressError(f"{here.get('_base_', path)}: _base_ must be a YAML file name, got "
+                                f"a {type(base).__name__}")
     base_path = path.parent / base
     if not base_path.is_file():
-        raise YoloCompressError(f"{path}: _base_ file {base_path} not found")
-    parent = _read_tree(base_path, (*chain, real))
+        raise YoloCompressError(f"{here.get('_base_', path)}: _base_ file {base_path} not found")
+    parent = _read_tree(base_path, (*chain, real), top, origins)
     parent.pop("name", None)  # each experiment is named after its own file unless it says otherwise
+    origins.update(here)
     return _deep_merge(parent, data)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    """Relative path values of `data` that exist beside `folder` become absolute (in place)."""
+    for section, key in _path_keys():
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() \
+                and (folder / value).exists():
+            node[key] = os.path.abspath(folder / value)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The file's top-level mapping and the line of every dotted key in it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise YoloCompressError(f"{path}: experiment file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise YoloCompressError(f"{path}: cannot read: {e}") from e
+    except IsADirectoryError as e:
+        raise YoloCompressError(f"{path}: is a folder, not an experiment file") from e
+    except UnicodeDecodeError as e:
+        raise YoloCompressError(f"{path}: not a text (UTF-8) file") from e
+    except OSError as e:
+        raise YoloCompressError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
         data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise YoloCompressError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
-        raise YoloCompressError(f"{path}: expected a mapping of sections at the top, got {_show(data)}")
-    return data
+        raise YoloCompressError(f"{path}: expected a mapping of sections at the top, got "
+                                f"{_kind(data)}")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines
+
+
+def _key_lines(node: Any, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                _key_lines(v, f"{key}.", out)
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in a few words (not the value: that may be a whole file)."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters" if len(value) > 40 else repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _deep_merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
@@ -525,7 +599,7 @@ def _apply_override(merged: dict[str, Any], text: str, where: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise YoloCompressError(f"{where}: override {text!r} is not of the form key=value")
-    tp = _leaf_type(key, f"override {text!r} for {where}")
+    tp = _leaf_type(key, f"{where}: override {text!r}")
     try:
         value = _convert(_parse_text(raw.strip(), tp), tp)
     except ValueError as e:
@@ -591,12 +665,13 @@ def _build(cls: Any, data: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _check_keys(data: Mapping[str, Any], cls: Any, where: str, prefix: str = "") -> None:
+def _check_keys(data: Mapping[str, Any], cls: Any, where: Any, prefix: str = "") -> None:
+    """Unknown keys are errors; `where(dotted key)` says where the key was written."""
     hints = _hints(cls)
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            raise YoloCompressError(_unknown(path, where))
+            raise YoloCompressError(_unknown(path, where(path)))
         if is_dataclass(hints[key]) and isinstance(value, Mapping):
             _check_keys(value, hints[key], where, f"{path}.")
 
@@ -610,7 +685,7 @@ def _unknown(path: str, where: str) -> str:
     near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
     close = [siblings[near[0]]] if near else [k for k in valid if k.rpartition(".")[2] == leaf]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown key '{path}' in {where}{hint}"
+    return f"{where}: unknown key '{path}'{hint}"
 
 
 @functools.cache
@@ -716,7 +791,8 @@ def _require(ok: bool, name: str, requirement: str, value: Any) -> None:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _plain(obj: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,13 +16,18 @@ from torch import nn
 
 from .artifacts import build_model
 from .errors import YoloCompressError
-from .fileio import atomic_open
+from .fileio import atomic_open, refuse_overwrite
 from .models.cfg import write_cfg
 from .models.darknet import Darknet
 from .models.weights import save_darknet_weights
 from .models.yolo import decode
 
 __all__ = ["DecodedModel", "export_darknet", "export_onnx", "check_onnx"]
+
+try:   # the newest opset of the TorchScript exporter (dynamo=False) this torch has
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as _MAX_OPSET
+except ImportError:  # pragma: no cover - another torch: let the exporter say
+    _MAX_OPSET = 10 ** 6
 
 
 class DecodedModel(nn.Module):
@@ -35,26 +41,37 @@ class DecodedModel(nn.Module):
         return decode(self.model(x), self.model.heads, (x.shape[-2], x.shape[-1]))
 
 
-def export_darknet(art: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write `<out>.cfg` and `<out>.weights`; [net] width/height are set to the artifact's input size."""
+def export_darknet(art: dict, out: str | Path, inputs: Sequence[str | Path] = ()
+                   ) -> tuple[Path, Path]:
+    """Write `<out>.cfg` and `<out>.weights`; [net] width/height are set to the artifact's input size.
+    Neither may be one of `inputs` (the files the export reads, e.g. the artifact)."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".cfg", ".weights") else out
+    if stem.name in ("", ".", ".."):
+        raise YoloCompressError(f"{out}: give a file stem for the .cfg and .weights, e.g. export/model")
+    cfg_path, weights_path = stem.with_suffix(".cfg"), stem.with_suffix(".weights")
+    refuse_overwrite([cfg_path, weights_path], inputs)
     model = build_model(art)
     blocks = copy.deepcopy(model.blocks)
     blocks[0].set("height", art["input_size"][0])
     blocks[0].set("width", art["input_size"][1])
-    cfg_path, weights_path = stem.with_suffix(".cfg"), stem.with_suffix(".weights")
     with atomic_open(cfg_path, "w", encoding="utf-8") as f:
         f.write(write_cfg(blocks))
     save_darknet_weights(model, weights_path)
     return cfg_path, weights_path
 
 
-def export_onnx(art: dict, out: str | Path, opset: int = 17, dynamic_batch: bool = True) -> Path:
-    """Write an ONNX model of the artifact (decoded outputs) at its input size."""
+def export_onnx(art: dict, out: str | Path, opset: int = 17, dynamic_batch: bool = True,
+                inputs: Sequence[str | Path] = ()) -> Path:
+    """Write an ONNX model of the artifact (decoded outputs) at its input size; `out` may not be
+    one of `inputs`."""
     if opset < 13:
         raise YoloCompressError(f"ONNX opset {opset} is too old; use 13 or newer")
+    if opset > _MAX_OPSET:
+        raise YoloCompressError(f"ONNX opset {opset} is newer than this torch's exporter supports "
+                                f"(13 to {_MAX_OPSET})")
     out = Path(out)
+    refuse_overwrite([out], inputs)
     model = DecodedModel(build_model(art)).eval()
     h, w = art["input_size"]
     dummy = torch.zeros(1, 3, h, w)

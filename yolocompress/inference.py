@@ -3,6 +3,11 @@
 `detect_batch` takes a uint8 batch as the data loader yields it (letterboxed or stretched, with the
 metas that invert that) and returns one `Detections` per image. `predict_images` reads image files,
 draws the boxes and writes the COCO-results JSON.
+
+Output names (`image_ids`): an image's id, the name of its annotated copy and its `image_id` in
+detections.json, is its file stem; where several inputs share a stem (a/x.jpg, b/x.jpg, x.png),
+the first in input order keeps it and the next get `<stem>-2`, `<stem>-3`, ... (skipping any
+name that is another input's stem), so no output replaces another and detections never merge.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ from .data.dataset import to_original
 from .data.transforms import letterbox, resize
 from .errors import YoloCompressError
 from .eval.detections import Detections, save_detections_json
-from .fileio import atomic_open
+from .fileio import atomic_open, make_dir, refuse_overwrite
 from .models.darknet import Darknet
 from .models.yolo import decode, postprocess
 
-__all__ = ["detect_batch", "preprocess", "predict_images", "draw_detections"]
+__all__ = ["detect_batch", "preprocess", "predict_images", "draw_detections", "image_ids"]
 
 
 @torch.no_grad()
@@ -43,9 +48,10 @@ def detect_batch(model: Darknet, images: torch.Tensor, metas: Sequence[dict[str,
     return out
 
 
-def preprocess(path: str | Path, size: int, use_letterbox: bool
+def preprocess(path: str | Path, size: int, use_letterbox: bool, image_id: str | None = None
                ) -> tuple[np.ndarray, torch.Tensor, dict[str, Any]]:
-    """Read an image file -> (original BGR, uint8 (3, size, size) RGB tensor, meta for to_original)."""
+    """Read an image file -> (original BGR, uint8 (3, size, size) RGB tensor, meta for to_original);
+    meta's image_id is `image_id`, by default the file stem."""
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise YoloCompressError(f"{path}: cannot read image (missing, unreadable or not an image)")
@@ -54,7 +60,7 @@ def preprocess(path: str | Path, size: int, use_letterbox: bool
         img, scale, pad = letterbox(rgb, size)
     else:
         (img, scale), pad = resize(rgb, size), (0, 0)
-    meta = {"image_id": Path(path).stem, "orig_size": bgr.shape[:2], "scale": scale, "pad": pad}
+    meta = {"image_id": image_id or Path(path).stem, "orig_size": bgr.shape[:2], "scale": scale, "pad": pad}
     return bgr, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), meta
 
 
@@ -74,23 +80,43 @@ def draw_detections(bgr: np.ndarray, det: Detections, names: Sequence[str]) -> n
     return out
 
 
+def image_ids(paths: Sequence[str | Path]) -> list[str]:
+    """One distinct output name per path, by the rule in the module docstring."""
+    stems = [Path(p).stem for p in paths]
+    taken, out = set(stems), []
+    used: set[str] = set()
+    for stem in stems:
+        name, k = stem, 1
+        while name in used or (k > 1 and name in taken):
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name)
+        out.append(name)
+    return out
+
+
 def predict_images(model: Darknet, names: Sequence[str], paths: Sequence[str | Path],
                    out_dir: str | Path, size: int, use_letterbox: bool,
                    conf_thresh: float = 0.25, iou_thresh: float = 0.45,
                    max_det: int = 300) -> list[Detections]:
-    """Detect on image files; writes `<out_dir>/<stem>.jpg` and `<out_dir>/detections.json`."""
+    """Detect on image files; writes `<out_dir>/<id>.jpg` per image and `<out_dir>/detections.json`
+    (ids by `image_ids`). `out_dir` must not be a folder the images are in: the annotated copies
+    would mix with (or, for .jpg inputs, replace) the originals."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = image_ids(paths)
+    refuse_overwrite([out_dir], [Path(p).parent for p in paths])
+    refuse_overwrite([out_dir / f"{i}.jpg" for i in ids] + [out_dir / "detections.json"], paths)
+    make_dir(out_dir)
     model.eval()
     results = []
-    for path in tqdm(paths, desc="predict", unit="img", disable=None):
-        bgr, tensor, meta = preprocess(path, size, use_letterbox)
+    for path, image_id in tqdm(list(zip(paths, ids)), desc="predict", unit="img", disable=None):
+        bgr, tensor, meta = preprocess(path, size, use_letterbox, image_id)
         (det,) = detect_batch(model, tensor[None], [meta], conf_thresh, iou_thresh, max_det)
         results.append(det)
         ok, buf = cv2.imencode(".jpg", draw_detections(bgr, det, names))
         if not ok:
             raise YoloCompressError(f"{path}: could not encode the annotated image")
-        with atomic_open(out_dir / f"{Path(path).stem}.jpg", "wb") as f:
+        with atomic_open(out_dir / f"{image_id}.jpg", "wb") as f:
             f.write(buf.tobytes())
     save_detections_json(out_dir / "detections.json", results, names)
     return results

@@ -6,6 +6,7 @@ original image exactly. `collate` keeps images uint8 (the trainer converts on th
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -16,11 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from tqdm import tqdm
 
+from ..config import IMG_SIZE_RULE, AugmentConfig, valid_img_size
 from ..errors import YoloCompressError
 from .records import Record
-from .transforms import AugmentConfig, augment_hsv, hflip, letterbox, mosaic4, random_affine, resize, scale_boxes
+from .transforms import augment_hsv, hflip, letterbox, mosaic4, random_affine, resize, scale_boxes
 
 __all__ = ["DetectionDataset", "collate", "to_original", "build_loader", "seed_worker"]
+
+_log = logging.getLogger("yolocompress.data")
 
 
 def _read_rgb(record: Record) -> np.ndarray:
@@ -43,25 +47,41 @@ class DetectionDataset(Dataset):
     `scale`/`pad` invert that; for augmented samples they are None. Difficult boxes are left out of the
     targets when `drop_difficult` (Darknet's voc_label.py skips them); evaluation reads them from the
     records. Randomness comes from `self.rng`, which `build_loader` reseeds per worker.
+
+    `augment` is the validated `augment` section of the experiment (`config.AugmentConfig`); with
+    `letterbox` its jitter crop keeps the aspect ratio too. An image that fails to decode (garbled
+    body, size disagreeing with its annotation) ends evaluation with an error, but in training,
+    unless `strict`, the sample is replaced by the next readable record (index + 1, + 2, ... mod
+    len: deterministic, no random draw) and the failed file is named in meta["replaced"], which
+    `build_loader`'s loader reports once per file.
     """
 
     def __init__(self, records: Sequence[Record], img_size: int, augment: AugmentConfig | None = None,
-                 letterbox: bool = False, cache_images: bool = False, drop_difficult: bool = True) -> None:
-        if img_size <= 0 or img_size % 32:
-            raise ValueError(f"img_size must be a positive multiple of 32, got {img_size}")
-        if augment is not None and augment.letterbox != letterbox:
-            raise ValueError(f"augment.letterbox={augment.letterbox} disagrees with letterbox={letterbox}")
+                 letterbox: bool = False, cache_images: bool = False, drop_difficult: bool = True,
+                 strict: bool = False) -> None:
+        if not valid_img_size(img_size):
+            raise ValueError(f"img_size {IMG_SIZE_RULE}, got {img_size}")
         self.records = list(records)
         self.img_size = img_size
         self.augment = augment
         self.letterbox = letterbox
         self.drop_difficult = drop_difficult
+        self.strict = strict
         self.base_seed = 0
         self.rng = np.random.default_rng(0)
-        self._cache: list[np.ndarray] | None = None
+        self._bad: dict[int, str] = {}   # index -> why it does not decode, known in this process
+        self._cache: list[np.ndarray | str] | None = None   # an image, or why it cannot be read
         if cache_images:
-            self._cache = [_read_rgb(r) for r in tqdm(self.records, desc="caching images", unit="img",
-                                                      disable=None, leave=False)]
+            self._cache = [self._read_or_reason(r) for r in tqdm(
+                self.records, desc="caching images", unit="img", disable=None, leave=False)]
+
+    def _read_or_reason(self, record: Record) -> np.ndarray | str:
+        try:
+            return _read_rgb(record)
+        except YoloCompressError as e:
+            if self.strict:
+                raise
+            return str(e)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,14 +100,32 @@ class DetectionDataset(Dataset):
         """Original RGB image, boxes (N, 4) float32 and labels (N,) int64 of one record."""
         r = self.records[index]
         img = self._cache[index] if self._cache is not None else _read_rgb(r)
+        if isinstance(img, str):
+            raise YoloCompressError(img)
         keep = ~r.difficult if self.drop_difficult else np.ones(len(r), bool)
         return img, r.boxes[keep], r.labels[keep]
 
-    def _augmented(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load_readable(self, index: int, replaced: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`load(index)`, or (not strict) that of the next readable record; failures go to `replaced`."""
+        n = len(self.records)
+        for j in ((index + k) % n for k in range(n)):
+            if j in self._bad:
+                continue
+            try:
+                return self.load(j)
+            except YoloCompressError as e:
+                if self.strict:
+                    raise
+                self._bad[j] = str(e)
+                replaced.append(str(e))
+        raise YoloCompressError(f"none of the {n} training images can be read, e.g. "
+                                f"{next(iter(self._bad.values()))}")
+
+    def _augmented(self, index: int, replaced: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, rng = self.augment, self.rng
-        img, boxes, labels = self.load(index)
+        img, boxes, labels = self._load_readable(index, replaced)
         img, boxes, labels = random_affine(img, boxes, labels, rng, self.img_size, a.jitter, a.translate,
-                                           a.degrees, a.letterbox)
+                                           a.degrees, self.letterbox)
         img = augment_hsv(img, rng, a.hsv_h, a.hsv_s, a.hsv_v)
         if rng.random() < a.flip:
             img, boxes = hflip(img, boxes)
@@ -98,12 +136,13 @@ class DetectionDataset(Dataset):
         meta: dict[str, Any] = {"index": index, "image_id": r.image_id, "orig_size": (r.height, r.width),
                                 "scale": None, "pad": None}
         if self.augment is not None:
+            meta["replaced"] = []
             if self.rng.random() < self.augment.mosaic:
                 others = self.rng.integers(0, len(self), 3)
-                parts = [self._augmented(int(j)) for j in (index, *others)]
+                parts = [self._augmented(int(j), meta["replaced"]) for j in (index, *others)]
                 img, boxes, labels = mosaic4(parts, self.img_size, self.rng)
             else:
-                img, boxes, labels = self._augmented(index)
+                img, boxes, labels = self._augmented(index, meta["replaced"])
         else:
             img, boxes, labels = self.load(index)
             if self.letterbox:
@@ -159,6 +198,33 @@ def seed_worker(worker_id: int) -> None:
         dataset.reseed(seed)
 
 
+class _Loader(DataLoader):
+    """A DataLoader that warns once per file about training images the dataset replaced
+    (meta["replaced"]), and gives a YoloCompressError raised in a worker its one-line message
+    back (torch re-raises it with the worker's traceback as the message)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replaced: list[str] = []    # why each replaced image could not be used, first seen first
+
+    def __iter__(self):
+        try:
+            for batch in super().__iter__():
+                for meta in batch[2]:
+                    for reason in meta.get("replaced", ()):
+                        if reason not in self.replaced:
+                            self.replaced.append(reason)
+                            _log.warning("%s; skipped, training uses the next readable image in its "
+                                         "place (%d bad image(s) so far; data.strict=true makes this "
+                                         "an error)", reason, len(self.replaced))
+                yield batch
+        except YoloCompressError as e:
+            text = str(e)
+            if "\nOriginal Traceback" not in text:
+                raise
+            raise YoloCompressError(text.rsplit("YoloCompressError: ", 1)[-1].strip()) from e
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int,
                  distributed: bool = False, drop_last: bool = False, pin_memory: bool | None = None,
                  persistent_workers: bool = False, prefetch_factor: int = 2,
@@ -188,7 +254,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int,
         if hasattr(dataset, "reseed"):
             dataset.reseed(seed + rank)
     extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if workers else {}
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+    return _Loader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       worker_init_fn=seed_worker, generator=generator, **extra)

@@ -178,9 +178,11 @@ def load_split_with_issues(desc: DataDescriptor, split: str, cache: bool = True,
                            strict: bool = False) -> tuple[list[Record], DataIssues]:
     """`load_split` that also returns the bad-data report."""
     entries = desc.entries(split)
-    if desc.generate == "demo" and not os.path.isdir(desc.root):
+    if desc.generate == "demo" and not os.path.exists(desc.root):
         from .synthetic import generate_demo   # atomic: an existing root is a complete set
         generate_demo(desc.root)
+    if os.path.exists(desc.root) and not os.path.isdir(desc.root):
+        raise YoloCompressError(f"{desc.source or desc.name}: data root {desc.root} is a file, not a folder")
     if not os.path.isdir(desc.root):
         raise YoloCompressError(f"{desc.source or desc.name}: data root {desc.root} does not exist; {_WHERE_TO_GET}")
     issues = DataIssues(f"{desc.name} {split}", strict=strict)

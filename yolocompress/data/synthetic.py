@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import YoloCompressError
+from ..fileio import make_dir
 
 __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "DEMO_YEAR", "MARKER", "DemoObject",
            "render_image", "generate_demo", "demo_root", "ensure_demo"]
@@ -320,6 +321,8 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n
         raise YoloCompressError(f"{root}: demo set needs seed >= 0, n_train, n_val >= 1 and img_size >= "
                                 f"{4 * _MIN_SIZE}, got {seed}, {n_train}, {n_val}, {img_size}")
     params = _params(seed, n_train, n_val, img_size)
+    if root.exists() and not root.is_dir():
+        raise YoloCompressError(f"{root}: is a file; the demo data set needs a folder there")
     found = _complete(root)
     if found == params and not force:
         return root
@@ -329,7 +332,7 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n
         if found is not None and not force:
             raise YoloCompressError(f"{root}: holds a demo set with other parameters ({found}); "
                                     "pass force=True to regenerate")
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(root.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the set is ordinary shared data
     try:

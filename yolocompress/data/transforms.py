@@ -3,45 +3,19 @@
 Images are HWC uint8 **RGB** (the dataset converts after `cv2.imread`); boxes are (N, 4) float xyxy in
 continuous pixel coordinates (pixel i spans [i, i+1)), labels (N,). Geometric transforms return boxes
 clipped to the image, with degenerate or mostly-cut-away boxes dropped (`filter_boxes`).
+The functions take plain numbers; their ranges are checked once, in `config.AugmentConfig`.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-__all__ = ["PAD_VALUE", "AugmentConfig", "letterbox", "resize", "scale_boxes", "filter_boxes",
+__all__ = ["PAD_VALUE", "letterbox", "resize", "scale_boxes", "filter_boxes",
            "random_affine", "augment_hsv", "hflip", "mosaic4"]
 
 PAD_VALUE = 127  # Darknet fills letterbox borders and out-of-image crops with 0.5 grey
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation; defaults are the Darknet yolov4.cfg recipe."""
-    mosaic: float = 0.5      # probability of a 4-image mosaic (Darknet mosaic=1: about half the samples)
-    hsv_h: float = 0.1       # hue shift, uniform in ±hsv_h of the full circle (Darknet hue)
-    hsv_s: float = 1.5       # saturation x factor in [1/s, s] (Darknet saturation); 0 or 1 = off
-    hsv_v: float = 1.5       # value x factor in [1/v, v] (Darknet exposure); 0 or 1 = off
-    flip: float = 0.5        # horizontal flip probability (Darknet flip=1)
-    jitter: float = 0.3      # each crop border moves by up to ±jitter x image side (Darknet jitter)
-    translate: float = 0.0   # extra shift up to ±translate x output side (not in Darknet)
-    degrees: float = 0.0     # rotation up to ±degrees (Darknet angle, 0 for detection)
-    letterbox: bool = False  # keep the aspect ratio (Darknet letter_box=1); default stretches
-
-    def __post_init__(self) -> None:
-        for name in ("mosaic", "flip"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        for name, hi in (("hsv_h", 0.5), ("jitter", 0.49), ("translate", 0.5), ("degrees", 180.0)):
-            if not 0.0 <= getattr(self, name) <= hi:
-                raise ValueError(f"augment.{name} must be in [0, {hi}], got {getattr(self, name)}")
-        for name in ("hsv_s", "hsv_v"):
-            v = getattr(self, name)
-            if v != 0 and v < 1:
-                raise ValueError(f"augment.{name} is a Darknet scale >= 1 (or 0 = off), got {v}")
 
 
 # ----------------------------------------------------------------------------- resizing

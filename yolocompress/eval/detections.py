@@ -121,12 +121,16 @@ def load_detections_json(path: str | os.PathLike,
     """
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             entries = json.load(f)
+    except IsADirectoryError as e:
+        raise YoloCompressError(f"{path}: is a folder, not a detections file") from e
     except OSError as e:
         raise YoloCompressError(f"{path}: cannot read detections: {e.strerror}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise YoloCompressError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:   # json.load recurses once per nesting level
+        raise YoloCompressError(f"{path}: JSON nested too deeply to be a detections file") from e
     if not isinstance(entries, list):
         raise YoloCompressError(f"{path}: a detections file is a JSON list, got a {type(entries).__name__}")
     grouped: dict[str, tuple[list, list, list]] = {}

@@ -23,7 +23,6 @@ from ..config import Config
 from ..data.dataset import DetectionDataset, build_loader
 from ..data.descriptor import DataDescriptor, load_descriptor, load_split
 from ..data.records import Record
-from ..data.transforms import AugmentConfig
 from ..errors import YoloCompressError
 from ..eval.evaluate import METRIC_KEYS, evaluate_model
 from ..fileio import atomic_open
@@ -140,13 +139,6 @@ class MultiScaleHook(HookBase):
         t.batch = (images, targets, *rest)
 
 
-def _augment(config: Config, letterbox: bool) -> AugmentConfig:
-    a = config.augment
-    return AugmentConfig(mosaic=a.mosaic, hsv_h=a.hsv_h, hsv_s=a.hsv_s, hsv_v=a.hsv_v, flip=a.flip,
-                         jitter=a.jitter, translate=a.translate, degrees=a.degrees,
-                         letterbox=letterbox)
-
-
 def with_stage_budget(config: Config, section: Any) -> Config:
     """`config` with train.epochs / lr / optimizer replaced by a stage section's own (`config.sparse`,
     `config.distill`) where those are set."""
@@ -198,8 +190,8 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     letterbox = uses_letterbox(config, model)
     device = dist.device
     model.to(device)
-    train_set = DetectionDataset(data.train, img, _augment(config, letterbox), letterbox=letterbox,
-                                 cache_images=config.data.cache_images)
+    train_set = DetectionDataset(data.train, img, config.augment, letterbox=letterbox,
+                                 cache_images=config.data.cache_images, strict=config.data.strict)
     sampler = SeededRandomSampler(train_set, seed=tc.seed)
     loader = build_loader(train_set, tc.batch_size, shuffle=False, workers=config.data.workers,
                           seed=tc.seed, sampler=sampler, drop_last=len(train_set) > tc.batch_size)
