@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from ..artifacts import build_model, file_sha256, load_artifact
+from ..artifacts import build_model, file_sha256, load_parent
 from ..config import Config
 from ..errors import YoloCompressError
 from ..train.run import load_data, run_stage, with_stage_budget
 from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
 
-__all__ = ["run_distill", "run_finetune", "default_teacher"]
-
-
-def _load(path: str | os.PathLike, role: str) -> dict:
-    path = Path(path)
-    if path.suffix != ".pt":
-        raise YoloCompressError(f"{path}: the {role} must be an artifact (.pt)")
-    art = load_artifact(path)
-    art["sha256"], art["path"] = file_sha256(path), str(path.resolve())
-    return art
+__all__ = ["run_distill", "run_finetune", "default_teacher", "distill_command",
+           "finetune_command", "pipeline_step"]
 
 
 def default_teacher(student: dict) -> Path:
@@ -51,20 +44,12 @@ def default_teacher(student: dict) -> Path:
     return path
 
 
-def _check_classes(arts: dict[str, dict], names: list[str]) -> None:
-    for role, art in arts.items():
-        if list(art["classes"]) != names:
-            raise YoloCompressError(f"{art['path']}: {role} classes {art['classes']} differ from "
-                                    f"the data set's {names}")
-
-
 def run_finetune(config: Config, student_artifact: str | os.PathLike, force: bool = False) -> Path:
     """Plain fine-tuning of the pruned `student_artifact` (no teacher) with distill.epochs /
     distill.lr; returns the path of the stage's best.pt (runs/<name>/finetuned/)."""
     config = with_stage_budget(config, config.distill)
-    student_art = _load(student_artifact, "student")
     data = load_data(config)
-    _check_classes({"student": student_art}, data.names)
+    student_art = load_parent(student_artifact, data.names, "finetuned", role="student")
     student = build_model(student_art, source=student_art["path"])
     extra = {"prune": student_art["prune"]} if student_art.get("prune") is not None else {}
     return run_stage(config, "finetuned", model=student, parent=student_art, extra=extra,
@@ -77,10 +62,10 @@ def run_distill(config: Config, student_artifact: str | os.PathLike,
     `student_artifact`; returns the path of the stage's best.pt."""
     config = with_stage_budget(config, config.distill)
     dc = config.distill
-    student_art = _load(student_artifact, "student")
-    teacher_art = _load(teacher_artifact or default_teacher(student_art), "teacher")
     data = load_data(config)
-    _check_classes({"student": student_art, "teacher": teacher_art}, data.names)
+    student_art = load_parent(student_artifact, data.names, "distilled", role="student")
+    teacher_art = load_parent(teacher_artifact or default_teacher(student_art), data.names,
+                              role="teacher")
     student = build_model(student_art, source=student_art["path"])
     teacher = build_model(teacher_art, source=teacher_art["path"])
     layers = resolve_layers(student.blocks, dc.layers, dc.betas,
@@ -106,6 +91,21 @@ def run_distill(config: Config, student_artifact: str | os.PathLike,
                                 kd_temperature=dc.kd_temperature, teacher_bn=dc.teacher_bn,
                                 box_kd=dc.box_kd, box_kd_margin=dc.box_kd_margin)
 
-    return run_stage(config, "distilled", model=student, parent=student_art,
+    return run_stage(config, "distilled", model=student, parent=student_art, teacher=teacher_art,
                      hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra, force=force,
                      data=data)
+
+
+def distill_command(config: Config, args: Any) -> Path:
+    """`yolocompress distill`."""
+    return run_distill(config, args.student, args.teacher, force=args.force)
+
+
+def finetune_command(config: Config, args: Any) -> Path:
+    """`yolocompress finetune`."""
+    return run_finetune(config, args.student, force=args.force)
+
+
+def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    """The pipeline's distillation: the pruned model, taught by the sparse one."""
+    return run_distill(config, paths["pruned"], paths["sparse"], force=force)

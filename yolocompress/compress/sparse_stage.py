@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import YoloCompressError
@@ -16,7 +17,7 @@ from ..models.darknet import ConvLayer, Darknet
 from ..train.run import initial_model, load_data, run_stage, stage_dir, with_stage_budget
 from .sparsity import SparsityHook, build_schedule
 
-__all__ = ["penalised_layers", "run_sparse"]
+__all__ = ["penalised_layers", "run_sparse", "command", "pipeline_step"]
 
 HIST_PNG = "gamma_histograms.png"
 
@@ -49,7 +50,7 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, ema=False))
     schedule = build_schedule(config.sparse, config.train.epochs)
     data = load_data(config)
-    model, parent = initial_model(config, data.names)
+    model, parent = initial_model(config, data.names, "sparse")
     layers = penalised_layers(model, config.sparse.include_excluded)
     if not layers:
         raise YoloCompressError(f"{config.source or 'config'}: {config.model.cfg} has no prunable "
@@ -60,3 +61,12 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
     lr_mult = ([model.layers[i].bn.weight for i in layers], mult) if mult != 1.0 else None
     return run_stage(config, "sparse", model=model, parent=parent, hooks=[hook],
                      extra={"sparsity": hook.record}, force=force, data=data, lr_mult=lr_mult)
+
+
+def command(config: Config, args: Any) -> Path:
+    """`yolocompress sparse`."""
+    return run_sparse(config, from_artifact=args.from_artifact, force=args.force)
+
+
+def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    return run_sparse(config, from_artifact=paths["baseline"], force=force)
