@@ -4,8 +4,8 @@ runs/<name>/<stage>/best.pt, then each stage scored the same way and reported.
 The steps, their order and plots are the registry's (stages.py); each stage skips or resumes by
 the rule of inputs.py (a complete stage with the same inputs is reused, one whose inputs changed
 is an error until --force; an interrupted training stage resumes from its last.pt), so re-running
-after a crash or Ctrl-C continues where it stopped. The report (runs/<name>/report.json and report.md) holds, per stage in
-pipeline order: stage, artifact, map50_voc07, map50_all, params, flops, latency_ms_b1 (CPU,
+after a crash or Ctrl-C continues where it stopped. The report (runs/<name>/report.json and
+report.md) holds, per stage in pipeline order: stage, artifact, map50_voc07, map50_all, params, flops, latency_ms_b1 (CPU,
 batch 1), size_bytes, sha256, lineage and the stage's plots.
 """
 from __future__ import annotations
