@@ -202,7 +202,7 @@ def cmd_eval(args) -> None:
             raise YoloCompressError("give an ARTIFACT or --detections DETS.json")
         from .artifacts import build_model, load_parent
         from .eval.evaluate import ModelEvaluator
-        art = load_parent(args.artifact, desc.names, role="artifact")
+        art = load_parent(args.artifact, desc.names, role="model")
         model = build_model(art, source=args.artifact)
         evaluator = ModelEvaluator(desc.names, args.img_size or art["input_size"][0],
                                    model.letterbox, args.metric, args.batch_size, args.workers,
@@ -240,7 +240,7 @@ def _add_stage_commands(sub) -> None:
             s.add_argument(*opt.flags, **opt.kwargs)
         s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {stage.example}")
         s.add_argument("--force", action="store_true",
-                       help="run the stage again even if it is complete (its result is replaced)")
+                       help="run the stage again even if it is complete (replacing its result)")
         s.set_defaults(func=cmd_stage, stage_name=stage.name)
 
 

@@ -322,7 +322,7 @@ class DistillConfig(_Section):
 class PipelineConfig(_Section):
     # an artifact `yolocompress pipeline` adopts as this experiment's baseline stage (copied into
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
-    # always trains, which is how a shipped baseline is reproduced.
+    # always trains (--force over an adopted copy), which is how a shipped baseline is reproduced.
     baseline: Optional[str] = field(default=None, metadata=_PATH)
 
 

@@ -144,6 +144,6 @@ def check_resume(last: Path, art: dict, stage: str, current: dict) -> None:
     recorded, known = artifact_inputs(art, stage)
     changes = describe_changes(recorded, current, known)
     if changes:
-        raise YoloCompressError(f"{last}: was written by a different experiment config "
+        raise YoloCompressError(f"{last}: an interrupted run from other inputs "
                                 f"({_changes_text(changes)}); move it away or use --force to "
                                 f"start over")

@@ -70,8 +70,8 @@ def adopt_baseline(config: Config, force: bool = False) -> Path | None:
     with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
         json.dump({"stage": "baseline", "adopted_from": str(src), "sha256": file_sha256(best),
                    "inputs": inputs, "best": art.get("metrics", {})}, f, indent=2)
-    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train` with "
-          f"this experiment trains it from scratch instead")
+    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train --force` "
+          f"with this experiment trains it instead")
     return best
 
 
@@ -104,7 +104,7 @@ def score_artifact(config: Config, stage: str, path: Path, latency_iters: int = 
     """One report row: VOC mAP@0.5 on the val split (PR curves into the stage folder), params,
     FLOPs, CPU batch-1 latency, size on disk, sha256 and lineage of the artifact at `path`."""
     desc = load_descriptor(config.require_file("data.descriptor"))
-    art = load_parent(path, desc.names, role="artifact")
+    art = load_parent(path, desc.names, role="model")
     model = build_model(art, source=str(path))
     size = config.model.img_size
     device = init_distributed(config.train.device).device
