@@ -27,7 +27,7 @@ from .inputs import artifact_complete, reuse_complete, stage_inputs
 from .models.profile import profile_summary
 from .stages import get_stage, pipeline_stages, resolve
 from .train.distributed import init_distributed
-from .train.run import run_dir, run_stage, stage_dir
+from .train.run import run_dir, stage_dir, train_built
 
 __all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "baseline_step",
            "run_pipeline", "run_steps", "run_to_sparse", "stage_complete", "score_artifact",
@@ -78,7 +78,7 @@ def adopt_baseline(config: Config, force: bool = False) -> Path | None:
 def baseline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
     """The pipeline's baseline: adopted from `pipeline.baseline` when set, else trained."""
     if config.pipeline.baseline is None:
-        return run_stage(config, "baseline", force=force)
+        return train_built(config, "baseline", force)
     adopt_baseline(config, force)
     return stage_dir(config, "baseline") / "best.pt"
 

@@ -8,8 +8,10 @@ this module imports nothing heavy). artifacts (valid stages), pipeline (order, p
 prune (source stages), bench (recovered stages), config (bench arm recoveries) and cli (stage
 sub-commands) all read this table: adding a stage is its module plus one `register(Stage(...))`.
 
-A stage module provides `<entry>(config, args) -> Path` for its command and, for a pipeline
-step, `<step>(config, paths, force, latency_iters) -> Path` (paths: the earlier steps' best.pt).
+A stage module provides `<entry>(config, args) -> Path` for its command, for a training stage
+`<build>(config, data, **sources) -> (config, StageParts)` (its model, criterion wrapper, hooks,
+artifact extras: train.run), and for a pipeline step `<step>(config, paths, force,
+latency_iters) -> Path` (paths: the earlier steps' best.pt).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class Stage:
     example: str = "train.epochs=5"         # an override shown in --help
     options: tuple[Option, ...] = ()
     entry: str | None = None                # "module:function" (config, args) -> Path
+    build: str | None = None                # training stages: "module:function"
+    #                                         (config, data, **sources) -> (config, StageParts)
     warn_parents: tuple[str, ...] = ()      # accepted with a warning
 
     def accepts(self, parent_stage: str) -> bool:
@@ -111,7 +115,7 @@ register(Stage(
     pipeline_step="yolocompress.pipeline:baseline_step", command="train",
     help="train a detector (the baseline) from an experiment YAML",
     config_help="experiment YAML, e.g. cfg/experiments/demo.yaml",
-    entry="yolocompress.train.run:train_command"))
+    entry="yolocompress.train.run:train_command", build="yolocompress.train.run:build_baseline"))
 register(Stage(
     "sparse", parents=("imported", "baseline", "sparse"), section="sparse",
     reads=_TRAIN_READS + ("sparse",),
@@ -122,7 +126,8 @@ register(Stage(
     options=(Option(("--from",), {"dest": "from_artifact", "metavar": "ARTIFACT",
                                   "help": "start from this artifact, e.g. runs/<name>/baseline/"
                                           "best.pt (default: model.weights)"}),),
-    entry="yolocompress.compress.sparse_stage:command"))
+    entry="yolocompress.compress.sparse_stage:command",
+    build="yolocompress.compress.sparse_stage:build_sparse"))
 register(Stage(
     "pruned", parents=("sparse", "baseline", "imported"), warn_parents=("baseline", "imported"),
     section="prune", reads=("model", "data", "train", "eval", "prune"),
@@ -155,13 +160,15 @@ register(Stage(
     config_help="experiment YAML (its `distill` section)", example="distill.fg_mask=true",
     options=(_STUDENT, Option(("--teacher",), {"help": "teacher artifact (default: the student's "
                                                        "parent, the sparse model)"})),
-    entry="yolocompress.compress.distill_stage:distill_command"))
+    entry="yolocompress.compress.distill_stage:distill_command",
+    build="yolocompress.compress.distill_stage:build_distill"))
 register(Stage(
     "finetuned", parents=("pruned",), section="distill", reads=_TRAIN_READS + ("distill",),
     plots=("training_curves.png", "pr_curves.png"), recovery="finetune",
     command="finetune", help="plain fine-tuning of a pruned model (distillation's control)",
     config_help="experiment YAML (distill.epochs / distill.lr)", example="distill.epochs=10",
-    options=(_STUDENT,), entry="yolocompress.compress.distill_stage:finetune_command"))
+    options=(_STUDENT,), entry="yolocompress.compress.distill_stage:finetune_command",
+    build="yolocompress.compress.distill_stage:build_finetune"))
 
 
 @dataclass(frozen=True)

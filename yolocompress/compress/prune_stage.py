@@ -9,12 +9,12 @@ The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = th
 which `prune.replay` re-applies to the source model. Skipping follows inputs.py's rule (the
 source's sha256 and the model/data/train/eval/prune sections), like every stage.
 
-metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings, seconds
-{masks, prune}, budget (None or {metric, target, reduction, method, evaluations}), before/after
-{params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency [{batch, before,
-after: eval.speed stats}], groups [{name, title, layers, percent, threshold, channels_*,
-params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups' convs
-and every other conv whose params or FLOPs changed)}.
+metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings,
+seconds {masks, prune}, budget (None or {metric, target, reduction, method, evaluations}),
+before/after {params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency
+[{batch, before, after: eval.speed stats}], groups [{name, title, layers, percent, threshold,
+channels_*, params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups'
+convs and every other conv whose params or FLOPs changed)}.
 """
 from __future__ import annotations
 

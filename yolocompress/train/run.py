@@ -1,7 +1,9 @@
 """Experiment config -> data, model, Trainer and hooks -> artifacts in runs/<name>/<stage>/.
 
-`run_stage` is the one place a training stage is assembled; baseline training calls it as is,
-and the compression stages pass their own hooks, criterion wrapper and starting model.
+`run_stage` is the one place a training stage is assembled. What a stage adds to the loop is a
+`StageParts` (starting model, parent / teacher artifacts, hooks, criterion wrapper, artifact
+extras, lr multiplier) made by the builder its registry entry names (stages.py `build`);
+`train_built(config, stage, force, **sources)` runs builder + run_stage.
 Skip and resume follow the one rule of inputs.py: a complete stage (best.pt and metrics.json)
 is reused only when its recorded inputs (parent / teacher sha256, the config sections it reads)
 equal the current ones, else it is an error naming the change (`--force` redoes it); an
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from ..inputs import check_resume, reuse_complete, stage_inputs
 from ..models.cfg import read_cfg
 from ..models.darknet import Darknet
 from ..models.weights import load_darknet_weights
+from ..stages import get_stage, resolve
 from .distributed import SeededRandomSampler, cleanup, init_distributed, wrap_ddp
 from .ema import ModelEMA
 from .engine import HookBase, Trainer
@@ -44,7 +47,7 @@ from .optim import accumulate_steps, build_optimizer
 
 __all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "run_dir", "stage_dir", "MultiScaleHook",
            "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget",
-           "train_command"]
+           "train_command", "StageParts", "build_baseline", "train_built"]
 
 
 @dataclass
@@ -201,9 +204,36 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
         cleanup()
 
 
+@dataclass
+class StageParts:
+    """What a training stage adds to the one loop. model None: `initial_model(config)`."""
+    model: Darknet | None = None
+    parent: dict | None = None          # load_parent dicts: their sha256 are inputs
+    teacher: dict | None = None
+    hooks: Sequence[HookBase] = ()
+    criterion_wrapper: Callable | None = None   # detection criterion -> the stage's criterion
+    extra: dict = field(default_factory=dict)   # artifact keys, unpacked at every save
+    lr_mult: tuple[Sequence[nn.Parameter], float] | None = None
+
+
+def build_baseline(config: Config, data: DataSplits) -> tuple[Config, StageParts]:
+    """The baseline adds nothing: the model from `model.weights` or a seeded initialisation."""
+    return config, StageParts()
+
+
+def train_built(config: Config, stage: str, force: bool = False, **sources: Any) -> Path:
+    """Train the registered `stage`: its builder makes (config, StageParts) from the config, the
+    data and `sources` (e.g. student=PATH), then `run_stage`; returns its best.pt."""
+    data = load_data(config)
+    config, parts = resolve(get_stage(stage).build)(config, data, **sources)
+    return run_stage(config, stage, model=parts.model, parent=parts.parent, teacher=parts.teacher,
+                     hooks=parts.hooks, criterion_wrapper=parts.criterion_wrapper,
+                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult)
+
+
 def train_command(config: Config, args: Any) -> Path:
     """`yolocompress train`: the baseline stage, from the experiment as it is."""
-    return run_stage(config, "baseline", force=args.force)
+    return train_built(config, "baseline", force=args.force)
 
 
 def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
