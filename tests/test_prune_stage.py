@@ -173,7 +173,7 @@ def test_global_grouping_is_one_threshold_over_all_prunable_convs(mini, tmp_path
 def test_prune_command_errors(mini, capsys):
     sparse = str(mini / "sparse.pt")
     cases = [
-        (["--from", str(mini / "distilled.pt")], "a 'distilled' artifact; prune takes an unpruned"),
+        (["--from", str(mini / "distilled.pt")], "a 'distilled' artifact; the source of pruned must be one of: sparse"),
         (["--from", sparse, "prune.percents=[0.1,0.2]"],
          "prune.percents has 2 values for the 5 groups G1, G2, G3, G4, G5"),
         (["--from", sparse, "prune.budget_target=params", "prune.budget_ratio=0.99"],
@@ -184,8 +184,8 @@ def test_prune_command_errors(mini, capsys):
         (["--from", sparse, "prune.budget_target=latency"], "prune.budget_target="),
         (["--from", str(mini / "missing.pt")], "no such artifact file"),
     ]
-    for args, msg in cases:
-        assert _prune(mini, "--latency-iters", "0", *args) == 2, args
+    for args, msg in cases:     # --force: past the complete stage of the first test
+        assert _prune(mini, "--latency-iters", "0", "--force", *args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
 

@@ -54,7 +54,7 @@ def test_resume_continues_from_last(mini, capsys):
     assert all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in one["state_dict"])
     other = load_config(mini / "exp.yaml", ["name=resume", "train.epochs=1", "train.lr=0.002"])
     (run / "metrics.json").unlink()
-    with pytest.raises(Exception, match="different experiment config"):
+    with pytest.raises(Exception, match="an interrupted run from other inputs"):
         run_stage(other, "baseline")
 
 

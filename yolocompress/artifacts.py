@@ -4,6 +4,9 @@ Keys: format, stage, cfg (Darknet text), state_dict, classes (names), input_size
 metrics, parent (sha256 of the parent artifact file or None), lineage (ancestors, oldest first),
 prune (optional), train_state (last.pt only). Saved atomically; loaded with weights_only=True and
 checked: format, required keys, cfg parses, and the state_dict fits the model the cfg builds.
+Valid stages are the registry's (stages.py). `load_parent` is how every stage reads its input
+artifact: validated, of a stage the consumer accepts, with the data set's classes; `lineage_of`
+is the lineage its child records.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,12 @@ from .errors import YoloCompressError
 from .fileio import atomic_open
 from .models.cfg import parse_cfg, write_cfg
 from .models.darknet import Darknet
+from .stages import get_stage, stage_names
 
-__all__ = ["FORMAT", "STAGES", "make_artifact", "save_artifact", "load_artifact", "build_model",
-           "file_sha256", "artifact_from_model"]
+__all__ = ["FORMAT", "make_artifact", "save_artifact", "load_artifact", "build_model",
+           "file_sha256", "artifact_from_model", "load_parent", "lineage_of"]
 
 FORMAT = "yolocompress/1"
-STAGES = ("imported", "baseline", "sparse", "pruned", "distilled", "finetuned")
 _REQUIRED = ("format", "stage", "cfg", "state_dict", "classes", "input_size", "config",
              "metrics", "parent")
 
@@ -45,8 +49,9 @@ def make_artifact(stage: str, cfg: str, state_dict: dict[str, torch.Tensor], cla
                   metrics: dict | None = None, parent: str | None = None,
                   lineage: list[dict] | None = None, **extra: Any) -> dict:
     """A validated-shape artifact dict; tensors are detached copies on the CPU."""
-    if stage not in STAGES:
-        raise YoloCompressError(f"unknown artifact stage '{stage}' (one of {', '.join(STAGES)})")
+    if stage not in stage_names():
+        raise YoloCompressError(f"unknown artifact stage '{stage}' (one of "
+                                f"{', '.join(stage_names())})")
     art = {
         "format": FORMAT, "stage": stage, "cfg": cfg,
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
@@ -120,6 +125,34 @@ def _check_fields(art: dict, source: str) -> None:
     sd = art["state_dict"]
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise YoloCompressError(f"{source}: state_dict must map names to tensors")
+
+
+def load_parent(path: str | os.PathLike, names: Sequence[str] | None, stage: str | None = None,
+                role: str = "parent") -> dict:
+    """The artifact at `path` as the `role` input of `stage` (None: any stage may be read):
+    loaded and checked, its stage one `stage` accepts, its classes the data set's `names` (None:
+    not checked); `sha256` and `path` (resolved) are added."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise YoloCompressError(f"{path}: the {role} must be an artifact (.pt)")
+    art = load_artifact(path)
+    if stage is not None and not get_stage(stage).accepts(art["stage"]):
+        accepted = ", ".join(get_stage(stage).parents or ())
+        raise YoloCompressError(f"{path}: a '{art['stage']}' artifact; the {role} of {stage} must "
+                                f"be one of: {accepted}")
+    if names is not None and list(art["classes"]) != list(names):
+        raise YoloCompressError(f"{path}: {role} classes {art['classes']} differ from the data "
+                                f"set's {list(names)}")
+    art["sha256"], art["path"] = file_sha256(path), str(path.resolve())
+    return art
+
+
+def lineage_of(parent: dict | None) -> list[dict]:
+    """The lineage a child of `parent` (from load_parent) records: its ancestors, then itself."""
+    if parent is None:
+        return []
+    return list(parent.get("lineage", [])) + [
+        {"stage": parent["stage"], "sha256": parent["sha256"], "path": parent["path"]}]
 
 
 def build_model(art: dict, source: str = "<artifact>") -> Darknet:

@@ -181,56 +181,13 @@ def cmd_data_demo(args) -> None:
           f"classes {', '.join(desc.names)}")
 
 
-def cmd_train(args) -> None:
+def cmd_stage(args) -> None:
+    """A registered stage's command (stages.py): load the experiment, run the stage's entry."""
     from .config import load_config
-    from .train.run import run_stage
+    from .stages import get_stage, resolve
 
     config = load_config(args.config, args.overrides)
-    run_stage(config, "baseline", force=args.force)
-
-
-def cmd_sparse(args) -> None:
-    from .compress.sparse_stage import run_sparse
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    run_sparse(config, from_artifact=args.from_artifact, force=args.force)
-
-
-def cmd_prune(args) -> None:
-    from .compress.prune_stage import run_prune
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    run_prune(config, from_artifact=args.from_artifact, out=args.out,
-              latency_iters=args.latency_iters, latency_batches=args.latency_batches,
-              latency_threads=args.latency_threads or None)
-
-
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,8, got {text!r}")
-    return sizes
-
-
-def cmd_distill(args) -> None:
-    from .compress.distill_stage import run_distill
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    run_distill(config, args.student, args.teacher, force=args.force)
-
-
-def cmd_finetune(args) -> None:
-    from .compress.distill_stage import run_finetune
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    run_finetune(config, args.student, force=args.force)
+    resolve(get_stage(args.stage_name).entry)(config, args)
 
 
 def cmd_pipeline(args) -> None:
@@ -273,16 +230,14 @@ def cmd_eval(args) -> None:
     else:
         if not args.artifact:
             raise YoloCompressError("give an ARTIFACT or --detections DETS.json")
-        from .artifacts import build_model, load_artifact
-        art = load_artifact(args.artifact)
-        if list(art["classes"]) != list(desc.names):
-            raise YoloCompressError(f"{args.artifact}: classes {art['classes']} differ from "
-                                    f"{args.data}'s {list(desc.names)}")
+        from .artifacts import build_model, load_parent
+        from .eval.evaluate import ModelEvaluator
+        art = load_parent(args.artifact, desc.names, role="model")
         model = build_model(art, source=args.artifact)
-        size = args.img_size or art["input_size"][0]
-        res = evaluate_model(model, records, desc.names, size, model.letterbox, args.metric,
-                             args.batch_size, args.workers, args.conf_thresh, args.iou_thresh,
-                             plots_dir=args.plots)
+        evaluator = ModelEvaluator(desc.names, args.img_size or art["input_size"][0],
+                                   model.letterbox, args.metric, args.batch_size, args.workers,
+                                   args.conf_thresh, args.iou_thresh)
+        res = evaluate_model(model, records, evaluator, plots_dir=args.plots)
     _print_eval(res)
     if args.json:
         with atomic_open(args.json, "w", encoding="utf-8") as f:
@@ -348,13 +303,22 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _stage_command(sub, name: str, help_: str, config_help: str, example: str):
-    """A training-stage sub-command: --config, dotted overrides, --force."""
-    s = sub.add_parser(name, help=help_)
-    s.add_argument("--config", required=True, help=config_help)
-    s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
-    s.add_argument("--force", action="store_true", help="train again even if the stage is complete")
-    return s
+def _add_stage_commands(sub) -> None:
+    """One sub-command per registered stage with a `command`: --config, its options, dotted
+    overrides, --force."""
+    from .stages import STAGES
+
+    for stage in STAGES.values():
+        if stage.command is None:
+            continue
+        s = sub.add_parser(stage.command, help=stage.help)
+        s.add_argument("--config", required=True, help=stage.config_help)
+        for opt in stage.options:
+            s.add_argument(*opt.flags, **opt.kwargs)
+        s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {stage.example}")
+        s.add_argument("--force", action="store_true",
+                       help="run the stage again even if it is complete (replacing its result)")
+        s.set_defaults(func=cmd_stage, stage_name=stage.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,44 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo descriptor (default: data/demo.yaml)")
     d.set_defaults(func=cmd_data_demo)
 
-    s = _stage_command(sub, "train", "train a detector (the baseline) from an experiment YAML",
-                       "experiment YAML, e.g. cfg/experiments/demo.yaml", "train.epochs=5")
-    s.set_defaults(func=cmd_train)
-
-    s = _stage_command(sub, "sparse", "stage 1: sparse training of the prunable BN gammas (L1)",
-                       "experiment YAML (its `sparse` section)", "sparse.s=1e-4")
-    s.add_argument("--from", dest="from_artifact", metavar="ARTIFACT",
-                   help="start from this artifact, e.g. runs/<name>/baseline/best.pt "
-                        "(default: model.weights)")
-    s.set_defaults(func=cmd_sparse)
-
-    s = sub.add_parser("prune", help="stage 2: group channel pruning of a sparse-trained artifact")
-    s.add_argument("--config", required=True, help="experiment YAML (its `prune` section)")
-    s.add_argument("--from", dest="from_artifact", metavar="ARTIFACT",
-                   help="the artifact to prune (default: runs/<name>/sparse/best.pt)")
-    s.add_argument("--out", help="pruned artifact (default: runs/<name>/pruned/best.pt); "
-                                 "metrics.json, report.md and plots go beside it")
-    s.add_argument("--latency-iters", type=int, default=20,
-                   help="timed CPU forward passes per batch size, before and after (0: skip)")
-    s.add_argument("--latency-batches", type=_batch_sizes, default=[1, 8], metavar="B[,B...]",
-                   help="batch sizes of the latency measurement (default: 1,8)")
-    s.add_argument("--latency-threads", type=int, default=1,
-                   help="torch threads while timing (default 1, the most repeatable; 0: torch's "
-                        "default)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prune.budget_target=flops")
-    s.set_defaults(func=cmd_prune)
-
-    s = _stage_command(sub, "distill", "stage 3: spatial-attention distillation into a pruned "
-                       "model", "experiment YAML (its `distill` section)", "distill.fg_mask=true")
-    s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
-    s.add_argument("--teacher", help="teacher artifact (default: the student's parent, the sparse model)")
-    s.set_defaults(func=cmd_distill)
-
-    s = _stage_command(sub, "finetune", "plain fine-tuning of a pruned model (distillation's "
-                       "control)", "experiment YAML (distill.epochs / distill.lr)",
-                       "distill.epochs=10")
-    s.add_argument("--student", required=True, help="pruned artifact, e.g. runs/<name>/pruned/best.pt")
-    s.set_defaults(func=cmd_finetune)
+    _add_stage_commands(sub)
 
     s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill, then the report")
     s.add_argument("--config", help="experiment YAML (default: the built-in demo, "

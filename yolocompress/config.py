@@ -36,6 +36,7 @@ import yaml
 
 from yolocompress.errors import YoloCompressError
 from yolocompress.fileio import atomic_open
+from yolocompress.stages import ARMS, recovery_stages
 
 __all__ = [
     "IMG_SIZE_RULE",
@@ -334,19 +335,18 @@ class DistillConfig(_Section):
 class PipelineConfig(_Section):
     # an artifact `yolocompress pipeline` adopts as this experiment's baseline stage (copied into
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
-    # always trains, which is how a shipped baseline is reproduced.
+    # always trains (--force over an adopted copy), which is how a shipped baseline is reproduced.
     baseline: Optional[str] = field(default=None, metadata=_PATH)
 
 
-BENCH_ARMS = ("ours", "ours_no_distill", "ours_search", "global", "torch_pruning")  # arms.py
 
 
 @dataclass(frozen=True)
 class BenchConfig(_Section):
     # `yolocompress bench compress`: FLOPs reductions to compare the arms at, the arms
-    # (ours | ours_no_distill | global | torch_pruning) and the recovery seeds
+    # (the names of stages.ARMS, default all) and the recovery seeds
     budgets: tuple[float, ...] = (0.35, 0.5, 0.65)
-    arms: tuple[str, ...] = BENCH_ARMS
+    arms: tuple[str, ...] = tuple(ARMS)
     seeds: tuple[int, ...] = (0,)
     # `yolocompress bench ablation`: one budget, every factor over these seeds
     ablation_budget: float = 0.5
@@ -355,8 +355,10 @@ class BenchConfig(_Section):
     def _validate(self) -> None:
         _require(len(self.budgets) >= 1 and all(0 < b < 1 for b in self.budgets), "budgets",
                  "must be a non-empty list of fractions in (0, 1)", list(self.budgets))
-        _require(len(self.arms) >= 1 and all(a in BENCH_ARMS for a in self.arms), "arms",
-                 f"must be a non-empty list of {', '.join(BENCH_ARMS)}", list(self.arms))
+        recoveries = recovery_stages()
+        known = [a for a, arm in ARMS.items() if arm.recovery in recoveries]
+        _require(len(self.arms) >= 1 and all(a in known for a in self.arms), "arms",
+                 f"must be a non-empty list of {', '.join(known)}", list(self.arms))
         for name in ("seeds", "ablation_seeds"):
             v = getattr(self, name)
             _require(len(v) >= 1 and len(set(v)) == len(v) and all(x >= 0 for x in v), name,

@@ -3,18 +3,28 @@
 A folder that cannot be made (a file is in the way, no permission) or an output path that is a
 folder is a one-line `YoloCompressError`, as is an output that would replace one of the command's
 own inputs (`refuse_overwrite`: paths compared after resolving symlinks and '..').
+
+Temp files are named `.<target name>.<writer pid>.<random>.tmp`, so a folder's orphans (left by a
+killed writer) can be told from a live writer's: `remove_stale_temps` deletes those whose pid is
+no longer running.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import YoloCompressError
 
-__all__ = ["atomic_open", "make_dir", "refuse_overwrite"]
+__all__ = ["atomic_open", "make_dir", "refuse_overwrite", "remove_stale_temps"]
+
+_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
+_LEGACY = re.compile(r"^\..+\.[^.]+\.tmp$")
+LEGACY_STALE_S = 3600.0     # pid-less temps (older versions) are stale after this long
 
 
 def make_dir(folder: str | os.PathLike) -> Path:
@@ -38,7 +48,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         raise YoloCompressError(f"{path}: is a folder; give a file name to write")
     make_dir(path.parent)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=".tmp")
     except OSError as e:
         raise YoloCompressError(f"{path}: cannot write: {e.strerror or e}") from e
     umask = os.umask(0)
@@ -74,3 +85,38 @@ def refuse_overwrite(outputs: Iterable[str | os.PathLike], inputs: Iterable[str 
             if _same(out, inp):
                 raise YoloCompressError(f"{out}: is the input {inp}; writing it would destroy the "
                                         f"input, choose another output path")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the orphaned atomic-write temp files directly in `folder`: those whose writer pid
+    is not running (a pid reused by another process keeps its file: the safe side), and pid-less
+    ones of older versions once `LEGACY_STALE_S` old. Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m:
+            stale = not _alive(int(m["pid"]))
+        elif _LEGACY.match(p.name):
+            stale = time.time() - p.stat().st_mtime > LEGACY_STALE_S
+        else:
+            continue
+        if stale and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p)
+    return removed

@@ -1,10 +1,11 @@
 """`yolocompress pipeline`: baseline -> sparse -> pruned -> distilled through the artifacts in
 runs/<name>/<stage>/best.pt, then each stage scored the same way and reported.
 
-A stage whose artifact is complete (best.pt plus metrics.json) is not run again, and a training
-stage interrupted mid-way resumes from its last.pt, so re-running after a crash or Ctrl-C
-continues where it stopped. The report (runs/<name>/report.json and report.md) holds, per stage in
-pipeline order: stage, artifact, map50_voc07, map50_all, params, flops, latency_ms_b1 (CPU,
+The steps, their order and plots are the registry's (stages.py); each stage skips or resumes by
+the rule of inputs.py (a complete stage with the same inputs is reused, one whose inputs changed
+is an error until --force; an interrupted training stage resumes from its last.pt), so re-running
+after a crash or Ctrl-C continues where it stopped. The report (runs/<name>/report.json and
+report.md) holds, per stage in pipeline order: stage, artifact, map50_voc07, map50_all, params, flops, latency_ms_b1 (CPU,
 batch 1), size_bytes, sha256, lineage and the stage's plots.
 """
 from __future__ import annotations
@@ -15,40 +16,26 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .artifacts import build_model, file_sha256, load_artifact
-from .compress.distill_stage import run_distill
-from .compress.prune_stage import run_prune
-from .compress.sparse_stage import HIST_PNG, run_sparse
+from .artifacts import build_model, file_sha256, load_artifact, load_parent
 from .config import Config
 from .data.descriptor import load_descriptor, load_split
 from .errors import YoloCompressError
-from .eval.evaluate import evaluate_model
+from .eval.evaluate import ModelEvaluator, evaluate_model
 from .eval.speed import measure_latency
-from .fileio import atomic_open
+from .fileio import atomic_open, remove_stale_temps
+from .inputs import artifact_complete, reuse_complete, stage_inputs
 from .models.profile import profile_summary
+from .stages import get_stage, pipeline_stages, resolve
 from .train.distributed import init_distributed
-from .train.run import run_dir, run_stage, stage_dir
+from .train.run import run_dir, stage_dir, train_built
 
-__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "run_pipeline",
-           "run_to_sparse", "stage_complete", "score_artifact", "write_report", "format_table"]
+__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "baseline_step",
+           "run_pipeline", "run_steps", "run_to_sparse", "stage_complete", "score_artifact",
+           "write_report", "format_table"]
 
-PIPELINE = ("baseline", "sparse", "pruned", "distilled")
+PIPELINE = tuple(s.name for s in pipeline_stages())
 REPORT_KEYS = ("stage", "artifact", "map50_voc07", "map50_all", "params", "flops",
                "latency_ms_b1", "size_bytes")
-# plots each stage leaves in its folder (those present are linked from the report)
-STAGE_PLOTS = {
-    "baseline": ("training_curves.png", "pr_curves.png"),
-    "sparse": ("training_curves.png", HIST_PNG, "pr_curves.png"),
-    "pruned": ("channels_kept.png", "gamma_thresholds.png", "pr_curves.png"),
-    "distilled": ("training_curves.png", "pr_curves.png"),
-    "finetuned": ("training_curves.png", "pr_curves.png"),
-}
-
-
-def artifact_complete(path: Path) -> bool:
-    """A stage's artifact is complete when it and the metrics.json beside it both exist
-    (metrics.json is written last, so a crash in between leaves the stage incomplete)."""
-    return path.is_file() and (path.parent / "metrics.json").is_file()
 
 
 def stage_complete(config: Config, stage: str) -> bool:
@@ -56,68 +43,74 @@ def stage_complete(config: Config, stage: str) -> bool:
     return artifact_complete(stage_dir(config, stage) / "best.pt")
 
 
+_ADOPTABLE = ("baseline", "imported")
+
+
 def adopt_baseline(config: Config, force: bool = False) -> Path | None:
     """Copy `pipeline.baseline` (an artifact) in as the experiment's complete baseline stage,
-    unless that stage is complete already (`force`: copy anyway); returns the adopted copy, or
-    None if `pipeline.baseline` is not set or the stage was kept."""
-    if config.pipeline.baseline is None or (stage_complete(config, "baseline") and not force):
+    unless that stage is complete with this very file (its sha256) already (`force`: copy
+    anyway; a complete stage from anything else is an error, inputs.py); returns the adopted
+    copy, or None if `pipeline.baseline` is not set or the stage was kept."""
+    if config.pipeline.baseline is None:
         return None
     src = config.require_file("pipeline.baseline")
+    folder = stage_dir(config, "baseline")
+    best = folder / "best.pt"
+    inputs = stage_inputs(config, "baseline", source=file_sha256(src))
+    if reuse_complete("baseline", best, inputs, force):
+        return None
     art = load_artifact(src)
-    if art["stage"] not in ("baseline", "imported"):
+    if art["stage"] not in _ADOPTABLE:
         raise YoloCompressError(f"{src}: pipeline.baseline must be a baseline artifact, this one "
                                 f"is '{art['stage']}'")
-    folder = stage_dir(config, "baseline")
     folder.mkdir(parents=True, exist_ok=True)
-    best = folder / "best.pt"
+    remove_stale_temps(folder)
     with open(src, "rb") as f, atomic_open(best, "wb") as out:
         shutil.copyfileobj(f, out)
     with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
         json.dump({"stage": "baseline", "adopted_from": str(src), "sha256": file_sha256(best),
-                   "best": art.get("metrics", {})}, f, indent=2)
-    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train` with "
-          f"this experiment trains it from scratch instead")
+                   "inputs": inputs, "best": art.get("metrics", {})}, f, indent=2)
+    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train --force` "
+          f"with this experiment trains it instead")
     return best
 
 
+def baseline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    """The pipeline's baseline: adopted from `pipeline.baseline` when set, else trained."""
+    if config.pipeline.baseline is None:
+        return train_built(config, "baseline", force)
+    adopt_baseline(config, force)
+    return stage_dir(config, "baseline") / "best.pt"
+
+
+def run_steps(config: Config, force: bool = False, latency_iters: int = 30,
+              until: str | None = None) -> dict[str, Path]:
+    """The registry's pipeline steps in order (through `until`): {stage: best.pt}."""
+    paths: dict[str, Path] = {}
+    for stage in pipeline_stages():
+        paths[stage.name] = resolve(stage.pipeline_step)(config, paths, force, latency_iters)
+        if stage.name == until:
+            break
+    return paths
+
+
 def run_to_sparse(config: Config, force: bool = False) -> dict[str, Path]:
-    """The first two stages (each skipped when complete; the baseline adopted from
-    `pipeline.baseline` when set): {"baseline": path, "sparse": path}."""
-    adopted = adopt_baseline(config, force)
-    paths = {"baseline": run_stage(config, "baseline", force=force and adopted is None)}
-    paths["sparse"] = run_sparse(config, from_artifact=paths["baseline"], force=force)
-    return paths
-
-
-def _run_stages(config: Config, force: bool, latency_iters: int) -> dict[str, Path]:
-    paths = run_to_sparse(config, force)
-    pruned = stage_dir(config, "pruned") / "best.pt"
-    if force or not stage_complete(config, "pruned"):
-        run_prune(config, from_artifact=paths["sparse"], out=pruned, latency_iters=latency_iters)
-    else:
-        print(f"pruned: {pruned} is complete, skipping (use --force to prune again)")
-    paths["pruned"] = pruned
-    paths["distilled"] = run_distill(config, pruned, paths["sparse"], force=force)
-    return paths
+    """The steps through the sparse stage: {"baseline": path, "sparse": path}."""
+    return run_steps(config, force, until="sparse")
 
 
 def score_artifact(config: Config, stage: str, path: Path, latency_iters: int = 30,
                    latency_threads: int | None = 1) -> dict:
     """One report row: VOC mAP@0.5 on the val split (PR curves into the stage folder), params,
     FLOPs, CPU batch-1 latency, size on disk, sha256 and lineage of the artifact at `path`."""
-    art = load_artifact(path)
-    model = build_model(art, source=str(path))
     desc = load_descriptor(config.require_file("data.descriptor"))
-    if list(art["classes"]) != list(desc.names):
-        raise YoloCompressError(f"{path}: classes {art['classes']} differ from the data set's "
-                                f"{list(desc.names)}")
+    art = load_parent(path, desc.names, role="model")
+    model = build_model(art, source=str(path))
     size = config.model.img_size
     device = init_distributed(config.train.device).device
-    ev = config.eval
+    evaluator = ModelEvaluator.from_config(config, desc.names, model.letterbox)
     res = evaluate_model(model.to(device), load_split(desc, "val", strict=config.data.strict),
-                         desc.names, size, model.letterbox, ev.metric, ev.batch_size,
-                         config.data.workers, ev.conf_thresh, ev.nms_iou, ev.max_det,
-                         plots_dir=path.parent, progress=False)
+                         evaluator, plots_dir=path.parent, progress=False)
     model.cpu()
     prof = profile_summary(model.blocks, size, size)
     lat = (measure_latency(model, size, 1, warmup=max(1, latency_iters // 5), iters=latency_iters,
@@ -127,10 +120,10 @@ def score_artifact(config: Config, stage: str, path: Path, latency_iters: int = 
         "stage": stage, "artifact": str(path), "map50_voc07": res["map50_voc07"],
         "map50_all": res["map50_all"], "params": prof["params"], "flops": prof["flops"],
         "latency_ms_b1": lat["ms_median"] if lat else None, "size_bytes": path.stat().st_size,
-        "latency_threads": lat["threads"] if lat else None, "sha256": file_sha256(path),
+        "latency_threads": lat["threads"] if lat else None, "sha256": art["sha256"],
         "parent": art.get("parent"), "lineage": art.get("lineage", []),
         "per_class": res["per_class"],
-        "plots": [f"{folder.name}/{p}" for p in STAGE_PLOTS.get(stage, ())
+        "plots": [f"{folder.name}/{p}" for p in get_stage(stage).plots
                   if (folder / p).is_file()],
     }
 
@@ -197,7 +190,7 @@ def run_pipeline(config: Config, force: bool = False, latency_iters: int = 30,
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise YoloCompressError("pipeline runs in one process; under torchrun run the train, "
                                 "sparse and distill commands one by one (prune runs on one process)")
-    paths = _run_stages(config, force, latency_iters)
+    paths = run_steps(config, force, latency_iters)
     rows = []
     for stage in PIPELINE:
         print(f"scoring {stage}: {paths[stage]}")

@@ -2,47 +2,30 @@
 attention distillation or plain fine-tuning -> scored like a pipeline stage.
 
 Every arm runs in its own folder `<root>/<arm>/` (pruned/, then distilled/ or finetuned/), so
-finished pieces are reused when a benchmark is re-run; `Arm` names the pruning and the recovery.
+finished pieces are reused (by the stages' one skip rule, inputs.py) when a benchmark is re-run;
+`Arm` names the pruning and the recovery (a registered stage's `recovery`, stages.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import artifact_from_model, build_model, file_sha256, load_artifact, save_artifact
+from ..artifacts import (artifact_from_model, build_model, lineage_of, load_artifact, load_parent,
+                         save_artifact)
 from ..compress.distill_stage import run_distill, run_finetune
 from ..compress.prune_stage import run_prune
 from ..config import Config
 from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
-from ..fileio import atomic_open
+from ..fileio import atomic_open, remove_stale_temps
+from ..inputs import reuse_complete, stage_inputs
 from ..models.profile import profile_summary
-from ..pipeline import artifact_complete, score_artifact
+from ..pipeline import score_artifact
+from ..stages import ARMS, Arm, recovery_stages
 from ..train.run import config_evaluator
 
 __all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm"]
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    pruning: str        # groups (ours) | global (network slimming) | torch_pruning
-    recovery: str       # distill | finetune
-    label: str
-
-
-ARMS = {a.name: a for a in (
-    Arm("ours", "groups", "distill", "ours: group thresholds + attention distillation"),
-    Arm("ours_no_distill", "groups", "finetune", "ours without distillation (plain fine-tune)"),
-    Arm("ours_search", "groups_search", "distill",
-        "ours, group percents searched from 0 (greedy, importance per FLOP) + distillation"),
-    Arm("global", "global", "finetune", "one global threshold + fine-tune (network slimming)"),
-    Arm("torch_pruning", "torch_pruning", "finetune",
-        "Torch-Pruning, BN-scale importance, global + fine-tune"),
-)}
-_RECOVERED = {"distill": "distilled", "finetune": "finetuned"}
 
 
 def arm_config(config: Config, root: Path, folder: str, seed: int | None = None) -> Config:
@@ -55,32 +38,34 @@ def arm_config(config: Config, root: Path, folder: str, seed: int | None = None)
 def _tp_prune_artifact(config: Config, sparse: Path, budget: float, out: Path) -> None:
     from ..compress.tp_baseline import tp_prune
 
-    art = load_artifact(sparse)
+    desc = load_descriptor(config.require_file("data.descriptor"))
+    art = load_parent(sparse, desc.names, "pruned", role="source")
+    # the budget is not in the config: it names the folder (<root> = .../flops<percent>/)
+    inputs = stage_inputs(config, "pruned", parent=art["sha256"])
+    if reuse_complete("pruned", out, inputs):
+        return
+    remove_stale_temps(out.parent)
     size = config.model.img_size
     pruned, info = tp_prune(build_model(art, source=str(sparse)), budget, size,
                             importance="bn_scale")
-    sha = file_sha256(sparse)
-    lineage = list(art.get("lineage", [])) + [
-        {"stage": art["stage"], "sha256": sha, "path": str(sparse.resolve())}]
     prof = profile_summary(pruned.blocks, size, size)
-    desc = load_descriptor(config.require_file("data.descriptor"))
     scores = config_evaluator(config, load_split(desc, "val", strict=config.data.strict),
                               desc.names, pruned.letterbox)(pruned)
     save_artifact(artifact_from_model(pruned, "pruned", art["classes"], input_size=[size, size],
-                                      config=config.to_dict(), parent=sha, lineage=lineage,
+                                      config=config.to_dict(), parent=art["sha256"],
+                                      lineage=lineage_of(art), inputs=inputs,
                                       metrics={"params": prof["params"], "flops": prof["flops"],
                                                **scores},
                                       torch_pruning=info), out)
     with atomic_open(out.parent / "metrics.json", "w", encoding="utf-8") as f:
-        json.dump({"stage": "pruned", "method": "torch_pruning", **info}, f, indent=2)
+        json.dump({"stage": "pruned", "method": "torch_pruning", "inputs": inputs, **info}, f,
+                  indent=2)
 
 
 def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: float) -> Path:
     """The sparse model pruned by `pruning` to remove `budget` of its FLOPs, in
-    <root>/<pruning>/pruned/best.pt (reused when complete)."""
+    <root>/<pruning>/pruned/best.pt (reused when complete with the same inputs)."""
     out = root / pruning / "pruned" / "best.pt"
-    if artifact_complete(out):
-        return out
     cfg = arm_config(config, root, pruning)
     if pruning == "torch_pruning":
         _tp_prune_artifact(cfg, sparse, budget, out)
@@ -111,7 +96,7 @@ def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, s
         best = run_distill(cfg, pruned, sparse)
     else:
         best = run_finetune(cfg, pruned)
-    row = score_artifact(cfg, _RECOVERED[arm.recovery], best, latency_iters)
+    row = score_artifact(cfg, recovery_stages()[arm.recovery].name, best, latency_iters)
     row.update(arm=arm.name, label=arm.label, budget=budget, seed=seed,
                pruned_map50_voc07=load_artifact(pruned)["metrics"].get("map50_voc07"))
     return row

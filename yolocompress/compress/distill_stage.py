@@ -1,36 +1,29 @@
-"""`yolocompress distill`: stage 3 as a training stage -- the pruned student and its teacher from
-artifacts, the distilled layers from `config.distill`, then `run_stage(config, "distilled", ...)`
-with a `DistillCriterion` around the detection loss and a `DistillLogHook`.
+"""`yolocompress distill`: stage 3 as a training stage -- `build_distill` makes the pruned student
+and its teacher from artifacts, the distilled layers from `config.distill`, a `DistillCriterion`
+around the detection loss and a `DistillLogHook`; `run_distill` trains it (train_built).
 
 The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
 sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
 box_kd_margin, teacher_bn, ref_size}.
 
-`run_finetune` is the control it is measured against: the same student, epochs and lr
-(`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
+`run_finetune` (`build_finetune`) is the control it is measured against: the same student,
+epochs and lr (`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from ..artifacts import build_model, file_sha256, load_artifact
+from ..artifacts import build_model, file_sha256, load_parent
 from ..config import Config
 from ..errors import YoloCompressError
-from ..train.run import load_data, run_stage, with_stage_budget
+from ..train.run import DataSplits, StageParts, train_built, with_stage_budget
 from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
 
-__all__ = ["run_distill", "run_finetune", "default_teacher"]
-
-
-def _load(path: str | os.PathLike, role: str) -> dict:
-    path = Path(path)
-    if path.suffix != ".pt":
-        raise YoloCompressError(f"{path}: the {role} must be an artifact (.pt)")
-    art = load_artifact(path)
-    art["sha256"], art["path"] = file_sha256(path), str(path.resolve())
-    return art
+__all__ = ["run_distill", "run_finetune", "build_distill", "build_finetune", "default_teacher",
+           "distill_command", "finetune_command", "pipeline_step"]
 
 
 def default_teacher(student: dict) -> Path:
@@ -51,43 +44,49 @@ def default_teacher(student: dict) -> Path:
     return path
 
 
-def _check_classes(arts: dict[str, dict], names: list[str]) -> None:
-    for role, art in arts.items():
-        if list(art["classes"]) != names:
-            raise YoloCompressError(f"{art['path']}: {role} classes {art['classes']} differ from "
-                                    f"the data set's {names}")
-
-
 def run_finetune(config: Config, student_artifact: str | os.PathLike, force: bool = False) -> Path:
     """Plain fine-tuning of the pruned `student_artifact` (no teacher) with distill.epochs /
     distill.lr; returns the path of the stage's best.pt (runs/<name>/finetuned/)."""
-    config = with_stage_budget(config, config.distill)
-    student_art = _load(student_artifact, "student")
-    data = load_data(config)
-    _check_classes({"student": student_art}, data.names)
-    student = build_model(student_art, source=student_art["path"])
-    extra = {"prune": student_art["prune"]} if student_art.get("prune") is not None else {}
-    return run_stage(config, "finetuned", model=student, parent=student_art, extra=extra,
-                     force=force, data=data)
+    return train_built(config, "finetuned", force, student=student_artifact)
 
 
 def run_distill(config: Config, student_artifact: str | os.PathLike,
                 teacher_artifact: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Distill `teacher_artifact` (default: the student's parent) into the pruned
     `student_artifact`; returns the path of the stage's best.pt."""
+    return train_built(config, "distilled", force, student=student_artifact,
+                       teacher=teacher_artifact)
+
+
+def _student(data: DataSplits, path: str | os.PathLike, stage: str) -> tuple[dict, dict]:
+    """(student artifact, the `prune` record its children carry on: the cfg is still pruned)."""
+    art = load_parent(path, data.names, stage, role="student")
+    return art, ({"prune": art["prune"]} if art.get("prune") is not None else {})
+
+
+def build_finetune(config: Config, data: DataSplits, student: str | os.PathLike
+                   ) -> tuple[Config, StageParts]:
+    config = with_stage_budget(config, config.distill)
+    student_art, extra = _student(data, student, "finetuned")
+    model = build_model(student_art, source=student_art["path"])
+    return config, StageParts(model=model, parent=student_art, extra=extra)
+
+
+def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
+                  teacher: str | os.PathLike | None = None) -> tuple[Config, StageParts]:
+    """The student, the frozen teacher, the distilled layers and the DistillCriterion."""
     config = with_stage_budget(config, config.distill)
     dc = config.distill
-    student_art = _load(student_artifact, "student")
-    teacher_art = _load(teacher_artifact or default_teacher(student_art), "teacher")
-    data = load_data(config)
-    _check_classes({"student": student_art, "teacher": teacher_art}, data.names)
-    student = build_model(student_art, source=student_art["path"])
-    teacher = build_model(teacher_art, source=teacher_art["path"])
-    layers = resolve_layers(student.blocks, dc.layers, dc.betas,
+    student_art, extra = _student(data, student, "distilled")
+    teacher_art = load_parent(teacher or default_teacher(student_art), data.names,
+                              role="teacher")
+    student_model = build_model(student_art, source=student_art["path"])
+    teacher_model = build_model(teacher_art, source=teacher_art["path"])
+    layers = resolve_layers(student_model.blocks, dc.layers, dc.betas,
                             (dc.beta_backbone, dc.beta_neck, dc.beta_deep))
     names = [n for n, _ in layers]
-    infos = match_layers(teacher, student, names)
-    record = {
+    infos = match_layers(teacher_model, student_model, names)
+    extra["distill"] = {
         "teacher": {"stage": teacher_art["stage"], "path": teacher_art["path"],
                     "sha256": teacher_art["sha256"]},
         "layers": [{"name": n, "beta": b, "stride": i.stride, "part": i.part}
@@ -96,16 +95,27 @@ def run_distill(config: Config, student_artifact: str | os.PathLike,
         "kd_temperature": dc.kd_temperature, "box_kd": dc.box_kd,
         "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "ref_size": REF_SIZE,
     }
-    extra = {"distill": record}
-    if student_art.get("prune") is not None:
-        extra["prune"] = student_art["prune"]
 
     def wrap(criterion):
-        return DistillCriterion(criterion, teacher, names, [b for _, b in layers], p=dc.p,
+        return DistillCriterion(criterion, teacher_model, names, [b for _, b in layers], p=dc.p,
                                 fg_mask=dc.fg_mask, output_kd=dc.output_kd,
                                 kd_temperature=dc.kd_temperature, teacher_bn=dc.teacher_bn,
                                 box_kd=dc.box_kd, box_kd_margin=dc.box_kd_margin)
 
-    return run_stage(config, "distilled", model=student, parent=student_art,
-                     hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra, force=force,
-                     data=data)
+    return config, StageParts(model=student_model, parent=student_art, teacher=teacher_art,
+                              hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra)
+
+
+def distill_command(config: Config, args: Any) -> Path:
+    """`yolocompress distill`."""
+    return run_distill(config, args.student, args.teacher, force=args.force)
+
+
+def finetune_command(config: Config, args: Any) -> Path:
+    """`yolocompress finetune`."""
+    return run_finetune(config, args.student, force=args.force)
+
+
+def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    """The pipeline's distillation: the pruned model, taught by the sparse one."""
+    return run_distill(config, paths["pruned"], paths["sparse"], force=force)

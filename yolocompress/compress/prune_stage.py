@@ -6,14 +6,15 @@ then mAP on the val split before and after (compensation on and off), CPU latenc
 and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thresholds.png.
 The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
 (kept channels per layer name, groups, percents, thresholds, settings incl. compensate, budget),
-which `prune.replay` re-applies to the source model.
+which `prune.replay` re-applies to the source model. Skipping follows inputs.py's rule (the
+source's sha256 and the model/data/train/eval/prune sections), like every stage.
 
-metrics.json: {stage, artifact, source, source_stage, img_size, metric_key, settings, seconds
-{masks, prune}, budget (None or {metric, target, reduction, method, evaluations}), before/after
-{params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency [{batch, before,
-after: eval.speed stats}], groups [{name, title, layers, percent, threshold, channels_*,
-params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups' convs
-and every other conv whose params or FLOPs changed)}.
+metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings,
+seconds {masks, prune}, budget (None or {metric, target, reduction, method, evaluations}),
+before/after {params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency
+[{batch, before, after: eval.speed stats}], groups [{name, title, layers, percent, threshold,
+channels_*, params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups'
+convs and every other conv whose params or FLOPs changed)}.
 """
 from __future__ import annotations
 
@@ -22,42 +23,40 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..artifacts import (artifact_from_model, build_model, file_sha256, load_artifact,
-                         save_artifact)
+from ..artifacts import artifact_from_model, build_model, lineage_of, load_parent, save_artifact
 from ..config import Config
 from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
 from ..eval.evaluate import METRIC_KEYS
 from ..eval.speed import measure_latency
-from ..fileio import atomic_open
+from ..fileio import atomic_open, remove_stale_temps
+from ..inputs import reuse_complete, stage_inputs
 from ..models.darknet import Darknet
 from ..models.profile import profile_blocks
 from ..models.roles import describe_layers
 from ..report import (plot_channels_kept, plot_gamma_thresholds, prune_report_markdown,
                       prune_summary_rows)
+from ..stages import get_stage
 from ..train.distributed import init_distributed
 from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import GROUPINGS, Group, group_layers
 from .importance import get_importance
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
 
-__all__ = ["SOURCE_STAGES", "run_prune"]
+__all__ = ["run_prune", "command", "pipeline_step"]
 
-SOURCE_STAGES = ("sparse", "baseline", "imported")    # baseline/imported: with a warning
 PLOTS = {"channels kept per layer": "channels_kept.png",
          "importance per group with its threshold": "gamma_thresholds.png"}
 _LABELS = {"bn_gamma_abs": "|γ|", "l1_filter": "filter L1", "random": "random score"}
 
 
-def _source(path: Path) -> dict:
-    art = load_artifact(path)
-    if art["stage"] not in SOURCE_STAGES:
-        raise YoloCompressError(f"{path}: a '{art['stage']}' artifact; prune takes an unpruned "
-                                f"one ({', '.join(SOURCE_STAGES)})")
-    if art["stage"] != "sparse":
+def _source(path: Path, names: Sequence[str]) -> dict:
+    art = load_parent(path, names, "pruned", role="source")
+    if art["stage"] in get_stage("pruned").warn_parents:
         print(f"warning: {path} is a '{art['stage']}' artifact, not 'sparse': its BN gammas were "
               "not sparse-trained, so thresholds cut channels that still carry signal")
     return art
@@ -120,20 +119,22 @@ def _choose(config: Config, blocks, state, groups, settings: dict) -> dict:
 
 def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
               out: str | os.PathLike | None = None, latency_iters: int = 20,
-              latency_batches: Sequence[int] = (1, 8), latency_threads: int | None = 1
-              ) -> Path:
+              latency_batches: Sequence[int] = (1, 8), latency_threads: int | None = 1,
+              force: bool = False) -> Path:
     """Prune `from_artifact` (default runs/<name>/sparse/best.pt) per `config.prune`; returns
     the path of the pruned artifact (default runs/<name>/pruned/best.pt; the report goes beside
     it). latency_iters=0 skips the latency measurement; latency_threads=None times with
-    torch's current thread count (1, the default, is the most repeatable on a shared machine)."""
+    torch's current thread count (1, the default, is the most repeatable on a shared machine).
+    A complete artifact at `out` with the same inputs is kept (`force`: prune again)."""
     src = Path(from_artifact) if from_artifact else stage_dir(config, "sparse") / "best.pt"
     out = Path(out) if out else stage_dir(config, "pruned") / "best.pt"
-    art = _source(src)
     desc = load_descriptor(config.require_file("data.descriptor"))
     names = list(desc.names)
-    if list(art["classes"]) != names:
-        raise YoloCompressError(f"{src}: artifact classes {art['classes']} differ from the data "
-                                f"set's {names}")
+    art = _source(src, names)
+    inputs = stage_inputs(config, "pruned", parent=art["sha256"])
+    if reuse_complete("pruned", out, inputs, force):
+        return out
+    remove_stale_temps(out.parent)
     val = load_split(desc, "val", strict=config.data.strict)
     model = build_model(art, source=str(src))
     blocks, state, pc, size = model.blocks, model.state_dict(), config.prune, config.model.img_size
@@ -175,7 +176,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
         row.update(percent=record["percents"][row["name"]],
                    threshold=record["thresholds"][row["name"]])
     metrics = {
-        "stage": "pruned", "artifact": str(out), "source": str(src),
+        "stage": "pruned", "inputs": inputs, "artifact": str(out), "source": str(src),
         "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[config.eval.metric],
         "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1},
         "budget": record["budget"], "before": {**cost_before, **evaluate(model)},
@@ -183,13 +184,11 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
         "latency": latency, "groups": group_rows, "layers": layer_rows,
     }
 
-    sha = file_sha256(src)
-    lineage = list(art.get("lineage", [])) + [
-        {"stage": art["stage"], "sha256": sha, "path": str(src.resolve())}]
     flat = {**metrics["after"], f"map_compensation_{off}": compensation[off]["map"]}
     save_artifact(artifact_from_model(pruned, "pruned", names, input_size=[size, size],
-                                      config=config.to_dict(), metrics=flat, parent=sha,
-                                      lineage=lineage, prune=record), out)
+                                      config=config.to_dict(), metrics=flat,
+                                      parent=art["sha256"], lineage=lineage_of(art),
+                                      prune=record, inputs=inputs), out)
     _write_report(out.parent, metrics, group_scores(state, groups, settings["importance"]),
                   record, _LABELS[pc.importance])
     _print_summary(metrics, out)
@@ -214,3 +213,16 @@ def _print_summary(metrics: dict, out: Path) -> None:
         print("  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i])
                         for i, v in enumerate(r)))
     print(f"pruned: {out} (report: {out.parent / 'report.md'})")
+
+
+def command(config: Config, args: Any) -> Path:
+    """`yolocompress prune`."""
+    return run_prune(config, from_artifact=args.from_artifact, out=args.out,
+                     latency_iters=args.latency_iters, latency_batches=args.latency_batches,
+                     latency_threads=args.latency_threads or None, force=args.force)
+
+
+def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    return run_prune(config, from_artifact=paths["sparse"],
+                     out=stage_dir(config, "pruned") / "best.pt", latency_iters=latency_iters,
+                     force=force)

@@ -1,5 +1,6 @@
-"""`yolocompress sparse`: stage 1 as a training stage -- the starting model, the penalised layers
-and the schedule from the config, then `run_stage(config, "sparse", ...)` with a SparsityHook.
+"""`yolocompress sparse`: stage 1 as a training stage -- `build_sparse` makes the starting model,
+the penalised layers and the schedule from the config (a SparsityHook, the gammas' lr
+multiplier), `run_sparse` trains it (train.run.train_built).
 
 The artifact gets stage `sparse`, the starting artifact as parent (lineage), and a `sparsity`
 record {schedule, s, schedule parameters, layers (names), stats (of the epoch it was saved at)}.
@@ -9,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import YoloCompressError
 from ..models.darknet import ConvLayer, Darknet
-from ..train.run import initial_model, load_data, run_stage, stage_dir, with_stage_budget
+from ..train.run import (DataSplits, StageParts, initial_model, stage_dir, train_built,
+                         with_stage_budget)
 from .sparsity import SparsityHook, build_schedule
 
-__all__ = ["penalised_layers", "run_sparse"]
+__all__ = ["penalised_layers", "build_sparse", "run_sparse", "command", "pipeline_step"]
 
 HIST_PNG = "gamma_histograms.png"
 
@@ -34,6 +37,12 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
                force: bool = False) -> Path:
     """Sparse-train from `from_artifact` (else from `model.weights`: an artifact, Darknet weights,
     or a seeded random init); returns the path of the stage's best.pt."""
+    return train_built(config, "sparse", force, from_artifact=from_artifact)
+
+
+def build_sparse(config: Config, data: DataSplits,
+                 from_artifact: str | os.PathLike | None = None) -> tuple[Config, StageParts]:
+    """The sparse stage's config (its budget, EMA off unless sparse.ema) and parts."""
     if from_artifact is not None:
         path = Path(from_artifact)
         if path.suffix != ".pt":
@@ -48,8 +57,7 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
     if not config.sparse.ema:   # the saved (EMA) gammas would lag the penalised ones
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, ema=False))
     schedule = build_schedule(config.sparse, config.train.epochs)
-    data = load_data(config)
-    model, parent = initial_model(config, data.names)
+    model, parent = initial_model(config, data.names, "sparse")
     layers = penalised_layers(model, config.sparse.include_excluded)
     if not layers:
         raise YoloCompressError(f"{config.source or 'config'}: {config.model.cfg} has no prunable "
@@ -58,5 +66,14 @@ def run_sparse(config: Config, from_artifact: str | os.PathLike | None = None,
     # run_stage unpacks `extra` at every save, so each artifact holds the hook's record as of then
     mult = config.sparse.gamma_lr_mult
     lr_mult = ([model.layers[i].bn.weight for i in layers], mult) if mult != 1.0 else None
-    return run_stage(config, "sparse", model=model, parent=parent, hooks=[hook],
-                     extra={"sparsity": hook.record}, force=force, data=data, lr_mult=lr_mult)
+    return config, StageParts(model=model, parent=parent, hooks=[hook],
+                              extra={"sparsity": hook.record}, lr_mult=lr_mult)
+
+
+def command(config: Config, args: Any) -> Path:
+    """`yolocompress sparse`."""
+    return run_sparse(config, from_artifact=args.from_artifact, force=args.force)
+
+
+def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    return run_sparse(config, from_artifact=paths["baseline"], force=force)

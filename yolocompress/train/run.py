@@ -1,16 +1,21 @@
 """Experiment config -> data, model, Trainer and hooks -> artifacts in runs/<name>/<stage>/.
 
-`run_stage` is the one place a training stage is assembled; baseline training calls it as is,
-and the compression stages pass their own hooks, criterion wrapper and starting model.
-Resume: if `<run dir>/last.pt` holds a `train_state` from the same experiment, training continues
-from it; a complete stage (best.pt and metrics.json present) is not run again unless forced.
+`run_stage` is the one place a training stage is assembled. What a stage adds to the loop is a
+`StageParts` (starting model, parent / teacher artifacts, hooks, criterion wrapper, artifact
+extras, lr multiplier) made by the builder its registry entry names (stages.py `build`);
+`train_built(config, stage, force, **sources)` runs builder + run_stage.
+Skip and resume follow the one rule of inputs.py: a complete stage (best.pt and metrics.json)
+is reused only when its recorded inputs (parent / teacher sha256, the config sections it reads)
+equal the current ones, else it is an error naming the change (`--force` redoes it); an
+incomplete one continues from `<run dir>/last.pt` if that holds a `train_state` with the same
+inputs. Stale temp files of killed writers in the run folder are removed before training.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import artifact_from_model, build_model, file_sha256, load_artifact
+from ..artifacts import (artifact_from_model, build_model, file_sha256, lineage_of, load_artifact,
+                         load_parent)
 from ..config import Config
 from ..data.dataset import DetectionDataset, build_loader
 from ..data.descriptor import DataDescriptor, load_descriptor, load_split
 from ..data.records import Record
 from ..errors import YoloCompressError
-from ..eval.evaluate import METRIC_KEYS, evaluate_model
-from ..fileio import atomic_open
+from ..eval.evaluate import METRIC_KEYS, ModelEvaluator, evaluate_model
+from ..fileio import atomic_open, remove_stale_temps
+from ..inputs import check_resume, reuse_complete, stage_inputs
 from ..models.cfg import read_cfg
 from ..models.darknet import Darknet
 from ..models.weights import load_darknet_weights
+from ..stages import get_stage, resolve
 from .distributed import SeededRandomSampler, cleanup, init_distributed, wrap_ddp
 from .ema import ModelEMA
 from .engine import HookBase, Trainer
@@ -37,7 +45,8 @@ from .loss import YoloLoss
 from .optim import accumulate_steps, build_optimizer
 
 __all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "run_dir", "stage_dir", "MultiScaleHook",
-           "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget"]
+           "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget",
+           "train_command", "StageParts", "build_baseline", "train_built"]
 
 
 @dataclass
@@ -59,21 +68,18 @@ def load_data(config: Config) -> DataSplits:
                       load_split(desc, "val", strict=strict))
 
 
-def initial_model(config: Config, names: Sequence[str]) -> tuple[Darknet, dict | None]:
-    """The model to train: from an artifact (`model.weights: X.pt`), from Darknet weights, or a
-    seeded random initialisation. Returns (model, parent artifact or None)."""
+def initial_model(config: Config, names: Sequence[str], stage: str = "baseline"
+                  ) -> tuple[Darknet, dict | None]:
+    """The model to train `stage` from: an artifact (`model.weights: X.pt`, of a stage `stage`
+    accepts), Darknet weights, or a seeded random initialisation. Returns (model, parent artifact
+    (load_parent) or None)."""
     classes = config.model.classes or len(names)
     if classes != len(names):
         raise YoloCompressError(f"{config.source}: model.classes={classes} but the data set names "
                                 f"{len(names)} classes")
     weights = config.weights_path
     if weights is not None and weights.suffix == ".pt":
-        parent = load_artifact(config.require_file("model.weights"))
-        if list(parent["classes"]) != list(names):
-            raise YoloCompressError(f"{weights}: artifact classes {parent['classes']} differ from "
-                                    f"the data set's {list(names)}")
-        parent["sha256"] = file_sha256(weights)
-        parent["path"] = str(weights)
+        parent = load_parent(config.require_file("model.weights"), names, stage)
         return build_model(parent, source=str(weights)), parent
     torch.manual_seed(config.train.seed)
     model = Darknet(read_cfg(config.require_file("model.cfg")), classes=classes)
@@ -92,12 +98,10 @@ def uses_letterbox(config: Config, model: Darknet) -> bool:
 def config_evaluator(config: Config, records: Sequence[Record], names: Sequence[str],
                      letterbox: bool) -> Callable[[nn.Module], dict]:
     """`fn(model) -> {metric: value}` on `records` with the experiment's eval settings."""
-    ev = config.eval
+    evaluator = ModelEvaluator.from_config(config, names, letterbox)
 
     def evaluate(m: nn.Module) -> dict:
-        res = evaluate_model(m, records, names, config.model.img_size, letterbox, ev.metric,
-                             ev.batch_size, config.data.workers, ev.conf_thresh, ev.nms_iou,
-                             ev.max_det, progress=False)
+        res = evaluate_model(m, records, evaluator, progress=False)
         return {k: v for k, v in res.items() if isinstance(v, float)}
     return evaluate
 
@@ -160,27 +164,68 @@ def stage_dir(config: Config, stage: str) -> Path:
 
 
 def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
-              parent: dict | None = None, hooks: Sequence[HookBase] = (),
-              criterion_wrapper: Callable | None = None, extra: dict | None = None,
-              force: bool = False, data: DataSplits | None = None,
+              parent: dict | None = None, teacher: dict | None = None,
+              hooks: Sequence[HookBase] = (), criterion_wrapper: Callable | None = None,
+              extra: dict | None = None, force: bool = False, data: DataSplits | None = None,
               lr_mult: tuple[Sequence[nn.Parameter], float] | None = None) -> Path:
-    """Train one stage; returns the path of its best.pt. See the module docstring for resume.
-    `lr_mult` = (parameters of `model`, m): those train at m times the lr (build_optimizer)."""
+    """Train one stage; returns the path of its best.pt. See the module docstring for skip and
+    resume. `parent` / `teacher`: load_parent dicts (their sha256 are inputs); without `model`
+    the model comes from `initial_model`. `lr_mult` = (parameters of `model`, m): those train at
+    m times the lr (build_optimizer)."""
     out_dir = stage_dir(config, stage)
     best = out_dir / "best.pt"
-    if not force and best.is_file() and (out_dir / "metrics.json").is_file():
-        print(f"{stage}: {best} is complete, skipping (use --force to train again)")
+    if model is None and config.weights_path is not None and config.weights_path.suffix == ".pt":
+        parent_sha = file_sha256(config.require_file("model.weights"))
+    else:
+        parent_sha = parent["sha256"] if parent else None
+    inputs = stage_inputs(config, stage, parent=parent_sha,
+                          teacher=teacher["sha256"] if teacher else None)
+    if reuse_complete(stage, best, inputs, force):
         return best
     dist = init_distributed(config.train.device)
     try:
         data = data or load_data(config)
         names = data.names
         if model is None:
-            model, parent = initial_model(config, names)
+            model, parent = initial_model(config, names, stage)
+        if dist.is_main:
+            remove_stale_temps(out_dir)
         return _train(config, stage, model, parent, data, dist, out_dir, hooks,
-                      criterion_wrapper, extra or {}, force, lr_mult)
+                      criterion_wrapper, {**(extra or {}), "inputs": inputs}, force, lr_mult)
     finally:
         cleanup()
+
+
+@dataclass
+class StageParts:
+    """What a training stage adds to the one loop. model None: `initial_model(config)`."""
+    model: Darknet | None = None
+    parent: dict | None = None          # load_parent dicts: their sha256 are inputs
+    teacher: dict | None = None
+    hooks: Sequence[HookBase] = ()
+    criterion_wrapper: Callable | None = None   # detection criterion -> the stage's criterion
+    extra: dict = field(default_factory=dict)   # artifact keys, unpacked at every save
+    lr_mult: tuple[Sequence[nn.Parameter], float] | None = None
+
+
+def build_baseline(config: Config, data: DataSplits) -> tuple[Config, StageParts]:
+    """The baseline adds nothing: the model from `model.weights` or a seeded initialisation."""
+    return config, StageParts()
+
+
+def train_built(config: Config, stage: str, force: bool = False, **sources: Any) -> Path:
+    """Train the registered `stage`: its builder makes (config, StageParts) from the config, the
+    data and `sources` (e.g. student=PATH), then `run_stage`; returns its best.pt."""
+    data = load_data(config)
+    config, parts = resolve(get_stage(stage).build)(config, data, **sources)
+    return run_stage(config, stage, model=parts.model, parent=parts.parent, teacher=parts.teacher,
+                     hooks=parts.hooks, criterion_wrapper=parts.criterion_wrapper,
+                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult)
+
+
+def train_command(config: Config, args: Any) -> Path:
+    """`yolocompress train`: the baseline stage, from the experiment as it is."""
+    return train_built(config, "baseline", force=args.force)
 
 
 def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
@@ -202,9 +247,7 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay,
                                 lr_mult=lr_mult)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
-    lineage = list(parent.get("lineage", [])) + [
-        {"stage": parent["stage"], "sha256": parent["sha256"], "path": parent["path"]}] \
-        if parent else []
+    lineage = lineage_of(parent)
 
     def make_artifact(m: nn.Module, metrics: dict) -> dict:
         keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -231,32 +274,26 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
                       accumulate=accumulate, device=device, amp=amp, grad_clip=tc.grad_clip,
                       hooks=all_hooks, ema=ema, seed=tc.seed, progress=dist.is_main)
     if not force:
-        _maybe_resume(trainer, out_dir / "last.pt", config)
+        _maybe_resume(trainer, out_dir / "last.pt", stage, extra["inputs"])
     storage = trainer.train()
     best = out_dir / "best.pt"
     if dist.is_main:
         metrics = {k: v for k, v in storage.items() if isinstance(v, (int, float))}
         final = load_artifact(best)["metrics"]
         with atomic_open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
-            json.dump({"stage": stage, "best": final, "last_epoch": metrics}, f, indent=2)
+            json.dump({"stage": stage, "best": final, "last_epoch": metrics,
+                       "inputs": extra["inputs"]}, f, indent=2)
         print(f"{stage}: best {metric_key} = {final.get(metric_key, float('nan')):.4f} -> {best}")
     return best
 
 
-def _training_keys(config: dict) -> dict:
-    """The parts of an experiment dict that shape a training run (not the benchmark plan)."""
-    return {k: v for k, v in config.items() if k not in ("bench", "pipeline")}
-
-
-def _maybe_resume(trainer: Trainer, last: Path, config: Config) -> None:
+def _maybe_resume(trainer: Trainer, last: Path, stage: str, inputs: dict) -> None:
     if not last.is_file():
         return
     art = load_artifact(last, check=False)
     state = art.get("train_state")
     if not state:
         return
-    if _training_keys(art.get("config") or {}) != _training_keys(config.to_dict()):
-        raise YoloCompressError(f"{last}: was written by a different experiment config; move it "
-                                f"away or use --force to start over")
+    check_resume(last, art, stage, inputs)
     trainer.load_state_dict(state)
     print(f"resuming from {last} (epoch {trainer.epoch + 1})")
