@@ -291,3 +291,24 @@ def test_model_evaluator_from_config(mini):
                                 cfg.eval.max_det)
     with pytest.raises(YoloCompressError, match="unknown metric 'map'"):
         ModelEvaluator(NAMES, 64, metric="map")
+
+
+def test_pipeline_redo_forces_the_named_stage_and_those_after_it(monkeypatch):
+    import yolocompress.pipeline as pipeline
+    calls = []
+
+    def step_for(ref):
+        def step(config, paths, force, latency_iters):
+            calls.append((ref, force))
+            return ref
+        return step
+
+    monkeypatch.setattr(pipeline, "resolve", step_for)
+    steps = [s.pipeline_step for s in pipeline_stages()]
+    pipeline.run_steps(None, redo=PIPELINE[1])
+    assert calls == [(steps[0], False)] + [(s, True) for s in steps[1:]]
+    calls.clear()
+    pipeline.run_steps(None)
+    assert calls == [(s, False) for s in steps]
+    with pytest.raises(YoloCompressError, match="--redo distill: not a pipeline stage"):
+        pipeline.run_steps(None, redo="distill")

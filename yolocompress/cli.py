@@ -197,7 +197,7 @@ def cmd_pipeline(args) -> None:
     config = load_config(args.config or _PACKAGE_ROOT / "cfg" / "experiments" / "demo.yaml",
                          args.overrides)
     run_pipeline(config, force=args.force, latency_iters=args.latency_iters,
-                 latency_threads=args.latency_threads or None)
+                 latency_threads=args.latency_threads or None, redo=args.redo)
 
 
 def cmd_bench(args) -> None:
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "cfg/experiments/demo.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.out_dir=/tmp/runs")
     s.add_argument("--force", action="store_true", help="run every stage again")
+    s.add_argument("--redo", metavar="STAGE", help="run STAGE and every stage after it again, "
+                                                   "reusing the ones before (e.g. after changing "
+                                                   "the sparse section: --redo sparse)")
     s.add_argument("--latency-iters", type=int, default=30,
                    help="timed CPU forward passes per artifact (0: skip latency)")
     s.add_argument("--latency-threads", type=int, default=1,

@@ -84,10 +84,15 @@ def baseline_step(config: Config, paths: dict[str, Path], force: bool, latency_i
 
 
 def run_steps(config: Config, force: bool = False, latency_iters: int = 30,
-              until: str | None = None) -> dict[str, Path]:
-    """The registry's pipeline steps in order (through `until`): {stage: best.pt}."""
+              until: str | None = None, redo: str | None = None) -> dict[str, Path]:
+    """The registry's pipeline steps in order (through `until`): {stage: best.pt}. `force` redoes
+    every step; `redo` the named stage and every one after it (the earlier ones are reused)."""
+    names = [s.name for s in pipeline_stages()]
+    if redo is not None and redo not in names:
+        raise YoloCompressError(f"--redo {redo}: not a pipeline stage (one of {', '.join(names)})")
     paths: dict[str, Path] = {}
     for stage in pipeline_stages():
+        force = force or stage.name == redo
         paths[stage.name] = resolve(stage.pipeline_step)(config, paths, force, latency_iters)
         if stage.name == until:
             break
@@ -184,13 +189,13 @@ def write_report(config: Config, rows: Sequence[dict]) -> tuple[Path, Path]:
 
 
 def run_pipeline(config: Config, force: bool = False, latency_iters: int = 30,
-                 latency_threads: int | None = 1) -> list[dict]:
+                 latency_threads: int | None = 1, redo: str | None = None) -> list[dict]:
     """Run (or resume) every stage, score each artifact, write the report and print the table;
     returns the report rows in pipeline order."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise YoloCompressError("pipeline runs in one process; under torchrun run the train, "
                                 "sparse and distill commands one by one (prune runs on one process)")
-    paths = run_steps(config, force, latency_iters)
+    paths = run_steps(config, force, latency_iters, redo=redo)
     rows = []
     for stage in PIPELINE:
         print(f"scoring {stage}: {paths[stage]}")
