@@ -137,7 +137,8 @@ def test_describe_changes_by_hand():
 def test_stage_inputs_ignore_where_not_what(mini):
     a = stage_inputs(load_config(mini / "exp.yaml"), "pruned", parent="p")
     b = stage_inputs(load_config(mini / "exp.yaml", ["train.out_dir=/elsewhere",
-                                                     "data.workers=3", "distill.epochs=9"]),
+                                                     "data.workers=3", "distill.epochs=9", "train.device=cpu",
+                                                     "train.log_interval=7"]),
                      "pruned", parent="p")
     assert a == b and set(a["config"]) == {"model", "data", "train", "eval", "prune"}
     c = stage_inputs(load_config(mini / "exp.yaml", ["prune.min_keep=0.2"]), "pruned", parent="p")

@@ -28,9 +28,11 @@ from .stages import get_stage
 __all__ = ["stage_inputs", "artifact_inputs", "recorded_inputs", "describe_changes",
            "reuse_complete", "check_resume", "artifact_complete"]
 
-# where a run writes, how many loader processes, whether images are cached, and model.weights
-# (the parent's / the weights file's sha256 stands for it): not inputs of the result
-_IGNORED = {"train": ("out_dir",), "data": ("workers", "cache_images"), "model": ("weights",)}
+# where a run writes, on which device, how often it logs, how many loader processes, whether
+# images are cached, and model.weights (the parent's / the weights file's sha256 stands for it):
+# not inputs of the result (a run interrupted on one machine may be resumed on another)
+_IGNORED = {"train": ("out_dir", "device", "log_interval"), "data": ("workers", "cache_images"),
+            "model": ("weights",)}
 
 
 def _sections(config_dict: dict, stage: str) -> dict:
