@@ -13,6 +13,21 @@ PUBLISHED_CFGS = MODEL_CFGS + sorted((FIXTURES / "cfg").glob("*.cfg"))
 MINI_CFGS = sorted((FIXTURES / "cfg" / "mini").glob("*.cfg"))
 
 
+def cfg_error(text: str, tmp_path: Path, name: str = "bad.cfg") -> str:
+    """The one-line YoloCompressError message that reading cfg `text` (written to tmp_path/name)
+    raises."""
+    from yolocompress.errors import YoloCompressError
+    from yolocompress.models.cfg import read_cfg
+
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(YoloCompressError) as e:
+        read_cfg(p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
 def cfg_path(name: str) -> Path:
     for p in PUBLISHED_CFGS:
         if p.stem == name:

@@ -4,7 +4,7 @@ import pytest
 from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import parse_cfg, read_cfg, resolve_sources, set_classes, write_cfg
 
-from conftest import PUBLISHED_CFGS, TINY_CFG
+from conftest import PUBLISHED_CFGS, TINY_CFG, cfg_error
 
 
 @pytest.mark.parametrize("path", PUBLISHED_CFGS + [TINY_CFG], ids=lambda p: p.name)
@@ -53,59 +53,51 @@ layers=1
     assert resolve_sources(blocks, 3) == [1]
 
 
-def _error(text, tmp_path):
-    p = tmp_path / "bad.cfg"
-    p.write_text(text)
-    with pytest.raises(YoloCompressError) as e:
-        read_cfg(p)
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
 
 
 NET = "[net]\nwidth=32\nheight=32\n"
 
 
 def test_unknown_section_names_file_and_line(tmp_path):
-    msg = _error(NET + "\n[blur]\nsize=3\n", tmp_path)
+    msg = cfg_error(NET + "\n[blur]\nsize=3\n", tmp_path)
     assert "bad.cfg:5" in msg and "unknown section [blur]" in msg
 
 
 def test_unsupported_darknet_section_says_so(tmp_path):
-    msg = _error(NET + "\n[crop]\nsize=3\n", tmp_path)
+    msg = cfg_error(NET + "\n[crop]\nsize=3\n", tmp_path)
     assert "bad.cfg:5" in msg and "[crop] (classification layers) is not supported" in msg
 
 
 def test_missing_required_key(tmp_path):
-    msg = _error(NET + "[convolutional]\nsize=3\n", tmp_path)
+    msg = cfg_error(NET + "[convolutional]\nsize=3\n", tmp_path)
     assert "bad.cfg:4" in msg and "missing 'filters'" in msg
 
 
 def test_route_outside_network(tmp_path):
-    msg = _error(NET + "[convolutional]\nfilters=2\nsize=1\n[route]\nlayers=999\n", tmp_path)
+    msg = cfg_error(NET + "[convolutional]\nfilters=2\nsize=1\n[route]\nlayers=999\n", tmp_path)
     assert "bad.cfg:8" in msg and "layer 999" in msg
 
 
 def test_route_forward_reference_and_shortcut_below_zero(tmp_path):
-    assert "layer 1" in _error(NET + "[convolutional]\nfilters=2\nsize=1\n[route]\nlayers=1\n",
+    assert "layer 1" in cfg_error(NET + "[convolutional]\nfilters=2\nsize=1\n[route]\nlayers=1\n",
                                tmp_path)
-    assert "layer -2" in _error(NET + "[convolutional]\nfilters=2\nsize=1\n[shortcut]\nfrom=-3\n",
+    assert "layer -2" in cfg_error(NET + "[convolutional]\nfilters=2\nsize=1\n[shortcut]\nfrom=-3\n",
                                 tmp_path)
 
 
 def test_non_numeric_value(tmp_path):
-    msg = _error(NET + "[convolutional]\nfilters=two\nsize=1\n", tmp_path)
+    msg = cfg_error(NET + "[convolutional]\nfilters=two\nsize=1\n", tmp_path)
     assert "bad.cfg:5" in msg and "'filters=two' is not an integer" in msg
 
 
 def test_non_numeric_anchor_list(tmp_path):
-    msg = _error(NET + "[convolutional]\nfilters=2\nsize=1\n[yolo]\nanchors=1,x\n", tmp_path)
+    msg = cfg_error(NET + "[convolutional]\nfilters=2\nsize=1\n[yolo]\nanchors=1,x\n", tmp_path)
     assert "bad.cfg:8" in msg and "list of numbers" in msg
 
 
 def test_option_without_equals_and_missing_net(tmp_path):
-    assert "expected 'key=value'" in _error(NET + "[convolutional]\nfilters\n", tmp_path)
-    assert "start with a [net]" in _error("[convolutional]\nfilters=2\nsize=1\n", tmp_path)
+    assert "expected 'key=value'" in cfg_error(NET + "[convolutional]\nfilters\n", tmp_path)
+    assert "start with a [net]" in cfg_error("[convolutional]\nfilters=2\nsize=1\n", tmp_path)
 
 
 def test_missing_file():

@@ -17,20 +17,12 @@ from yolocompress.models.profile import layer_shapes, profile_blocks
 from yolocompress.models.roles import describe_layers
 from yolocompress.models.weights import load_darknet_weights, save_darknet_weights
 
-from conftest import MINI_CFGS
+from conftest import MINI_CFGS, cfg_error
 from test_imports import PACKAGE, cycles, import_graph
 
 MINI = {p.stem: p for p in MINI_CFGS}
 
 
-def _error(text, tmp_path, name="bad.cfg"):
-    p = tmp_path / name
-    p.write_text(text)
-    with pytest.raises(YoloCompressError) as e:
-        read_cfg(p)
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
 
 
 NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"      # lines 1-4
@@ -61,7 +53,7 @@ CONV = "[convolutional]\nfilters=4\nsize=3\n"           # lines 5-7 after NET
     (NET + CONV + CONV + "[sam]\nfrom=-2,-1\n", 12, "[sam] takes at most 1 layer(s) in 'from'"),
 ])
 def test_bad_option_values_are_one_line_with_file_and_line(tmp_path, text, line, problem):
-    msg = _error(text, tmp_path)
+    msg = cfg_error(text, tmp_path)
     assert msg.startswith(f"{tmp_path / 'bad.cfg'}:{line}: ") and problem in msg
 
 
@@ -82,9 +74,9 @@ def test_cli_reports_a_bad_cfg_value_as_one_error_line_and_status_2(tmp_path, ca
 
 def test_unsupported_kinds_are_named_and_differ_from_unknown_ones(tmp_path):
     for kind in ("dropout", "region", "reorg", "implicit", "contrastive"):
-        msg = _error(NET + f"[{kind}]\n", tmp_path)
+        msg = cfg_error(NET + f"[{kind}]\n", tmp_path)
         assert f"bad.cfg:5: [{kind}] ({UNSUPPORTED[kind]} layers) is not supported" in msg
-    assert "unknown section [pool]" in _error(NET + "[pool]\n", tmp_path)
+    assert "unknown section [pool]" in cfg_error(NET + "[pool]\n", tmp_path)
     assert not set(UNSUPPORTED) & set(KINDS)
 
 
