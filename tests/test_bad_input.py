@@ -106,7 +106,7 @@ def test_predict_into_the_images_folder_is_refused(art, tmp_path, capsys):
 
 def test_predict_gives_images_with_the_same_stem_distinct_names(art, tmp_path, capsys):
     a = _images(tmp_path / "a", {"x.jpg": (40, 60)})[0]
-    b = _images(tmp_path / "b", {"x.jpg": (64, 32), "x-2.png": (32, 32)})
+    _images(tmp_path / "b", {"x.jpg": (64, 32), "x-2.png": (32, 32)})
     out = tmp_path / "out"
     ok(capsys, "predict", art, a, tmp_path / "b", a, "--out", out, "--conf-thresh", "0.0001",
        "--max-det", "5")
