@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=_positive, help="ONNX opset (default: export.DEFAULT_OPSET, 17)")
     s.add_argument("--mish", help="how mish is written: 'sigmoid' (default) x*n/(2-n), n = s*(2-s), "
                                   "s = sigmoid(x), fast in ONNX Runtime; 'op' the ONNX Mish op "
-                                  "(opset >= 18)")
+                                  "(opset >= 18); 'softplus' torch's Softplus+Tanh+Mul")
     s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
     s.set_defaults(func=cmd_export)
     return p

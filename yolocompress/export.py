@@ -10,7 +10,8 @@ Softplus + Tanh + Mul, and its Softplus is scalar code: ~45 % of yolov4's time),
 form writes mish(x) = x * tanh(softplus(x)) through the logistic, which it runs vectorised:
 s = sigmoid(x), n = s * (2 - s) = 1 - (1 - s)^2, tanh(softplus(x)) = n / (2 - n) (exact: with
 e = exp(x), 1 + e = 1 / (1 - s), and tanh(log z) = (z^2 - 1) / (z^2 + 1)); no overflow for any x.
-`mish="op"` writes the single ONNX `Mish` op (opset >= 18) for runtimes that implement it.
+`mish="op"` writes the single ONNX `Mish` op (opset >= 18) for runtimes that implement it (OpenCV
+DNN runs it as one fused activation); `mish="softplus"` keeps torch's Softplus + Tanh + Mul.
 """
 from __future__ import annotations
 
@@ -71,13 +72,13 @@ class OpMish(nn.Module):
 
 
 # --mish choice -> (module replacing nn.Mish in the exported copy, lowest opset it needs)
-MISH_FORMS = {"sigmoid": (SigmoidMish, 0), "op": (OpMish, 18)}
+MISH_FORMS = {"sigmoid": (SigmoidMish, 0), "op": (OpMish, 18), "softplus": (nn.Mish, 0)}
 
 
 def _replace_mish(model: nn.Module, form: type[nn.Module]) -> nn.Module:
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, nn.Mish):
+            if isinstance(child, nn.Mish) and form is not nn.Mish:
                 setattr(module, name, form())
     return model
 
