@@ -36,41 +36,52 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Deployment latency"
 
 
-def _arms(art: dict, model: Darknet, tmp: Path):
-    """[(label, backend, time(batch, iters, warmup, threads) -> result)] for the exported model."""
-    fast = export_onnx(art, tmp / "sigmoid.onnx")
-    softplus = export_onnx(art, tmp / "softplus.onnx", mish="softplus")
-    size = tuple(art["input_size"])
-    arms = [("ours: ONNX, mish via sigmoid", "onnxruntime",
-             lambda b, i, w, t: measure_latency_onnx(fast, size, b, w, i, t)),
-            ("before: ONNX, Softplus+Tanh+Mul", "onnxruntime",
-             lambda b, i, w, t: measure_latency_onnx(softplus, size, b, w, i, t))]
+BACKENDS = ("onnxruntime", "opencv", "torch")
+
+
+def _opencv_arm(art: dict, tmp: Path, size: tuple[int, int]):
+    """OpenCV's Darknet importer on the exported cfg + weights, or where this OpenCV has none (5.x)
+    its ONNX importer on the `--mish op` export (one Mish layer, as the Darknet importer builds)."""
     if opencv_has_darknet():
         cfg, weights = export_darknet(art, tmp / "model")
-        arms.append(("Darknet cfg+weights", "opencv-darknet",
-                     lambda b, i, w, t: measure_latency_opencv(cfg, size, b, w, i, t,
-                                                               weights=weights)))
-    else:
-        op = export_onnx(art, tmp / "op.onnx", opset=18, mish="op")
-        arms.append(("ONNX, Mish op (no Darknet importer in this OpenCV)", "opencv-onnx",
-                     lambda b, i, w, t: measure_latency_opencv(op, size, b, w, i, t)))
-    arms.append(("artifact, BN folded", "torch",
-                 lambda b, i, w, t: measure_latency(model, size, b, warmup=w, iters=i, threads=t,
-                                                    fuse_bn=True)))
+        return ("Darknet cfg+weights", "opencv-darknet",
+                lambda b, i, w, t: measure_latency_opencv(cfg, size, b, w, i, t, weights=weights))
+    op = export_onnx(art, tmp / "op.onnx", opset=18, mish="op")
+    return ("ONNX, Mish op (no Darknet importer in this OpenCV)", "opencv-onnx",
+            lambda b, i, w, t: measure_latency_opencv(op, size, b, w, i, t))
+
+
+def _arms(art: dict, model: Darknet, tmp: Path, backends: list[str]):
+    """[(label, backend, time(batch, iters, warmup, threads) -> result)] for the exported model."""
+    size = tuple(art["input_size"])
+    arms = []
+    if "onnxruntime" in backends:
+        fast = export_onnx(art, tmp / "sigmoid.onnx")
+        softplus = export_onnx(art, tmp / "softplus.onnx", mish="softplus")
+        arms += [("ours: ONNX, mish via sigmoid", "onnxruntime",
+                  lambda b, i, w, t: measure_latency_onnx(fast, size, b, w, i, t)),
+                 ("before: ONNX, Softplus+Tanh+Mul", "onnxruntime",
+                  lambda b, i, w, t: measure_latency_onnx(softplus, size, b, w, i, t))]
+    if "opencv" in backends:
+        arms.append(_opencv_arm(art, tmp, size))
+    if "torch" in backends:
+        arms.append(("artifact, BN folded", "torch",
+                     lambda b, i, w, t: measure_latency(model, size, b, warmup=w, iters=i,
+                                                        threads=t, fuse_bn=True)))
     return arms
 
 
 def run(cfg: Path, img_size: int, batches: list[int], threads: int, iters: int, warmup: int,
-        rounds: int) -> tuple[list[dict], dict]:
+        rounds: int, backends: list[str]) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     model = Darknet(read_cfg(cfg))
     model.initialize()
     art = artifact_from_model(model, "imported", [f"class{i}" for i in range(model.classes)],
                               input_size=[img_size, img_size])
     rows = []
-    load = {"before": os.getloadavg()}
+    load = {"before": os.getloadavg()}   # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory() as tmp:
-        arms = _arms(art, model.eval(), Path(tmp))
+        arms = _arms(art, model.eval(), Path(tmp), backends)
         for r in range(rounds):
             for batch in batches:
                 for label, backend, time_it in arms:
@@ -116,12 +127,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "speed.json")
     ap.add_argument("--markdown", type=Path, default=BENCHMARKS_MD)
     args = ap.parse_args()
     rows, load = run(args.cfg, args.img_size, args.batches, args.threads, args.iters, args.warmup,
-                     args.rounds)
+                     args.rounds, args.backends)
     summ = summary(rows)
     print(table(summ))
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")

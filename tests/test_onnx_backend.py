@@ -109,3 +109,19 @@ def test_eval_onnx_with_other_classes_is_refused(demo, tmp_path, capsys):
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(desc))
     assert main(["eval", str(onnx_path), "--data", str(tmp_path / "other.yaml")]) == 2
     assert "differ from the data set's" in capsys.readouterr().err
+
+
+def test_export_cli_mish_and_opset(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(DEMO_BASELINE), "--format", "onnx", "--out", str(out),
+                 "--mish", "fast"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown mish form 'fast' (one of sigmoid, "
+                                               "op, softplus)")
+    assert not out.exists()
+    assert main(["export", str(DEMO_BASELINE), "--format", "onnx", "--out", str(out),
+                 "--mish", "op", "--opset", "18", "--check"]) == 0
+    assert "ONNX Runtime vs PyTorch: max abs diff" in capsys.readouterr().out
+    import onnx
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == 18
+    assert sum(n.op_type == "Mish" for n in model.graph.node) == 40

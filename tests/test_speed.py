@@ -115,3 +115,22 @@ def test_opencv_darknet_importer_or_a_clear_error(tmp_path):
     else:   # OpenCV 5 removed the importer
         with pytest.raises(YoloCompressError, match="has no Darknet importer"):
             measure_latency_opencv(cfg, 64, weights=weights)
+
+
+def test_bench_speed_summary_is_the_median_of_round_medians_with_spread():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"arm": arm, "backend": be, "batch": 1, "threads": 2, "ms_median": ms}
+            for arm, be, times in (("ours", "onnxruntime", (90, 100, 300)),
+                                   ("cv", "opencv-onnx", (120, 125, 110)))
+            for ms in times]
+    summ = {s["backend"]: s for s in bench.summary(rows)}
+    assert (summ["onnxruntime"]["ms"], summ["onnxruntime"]["ms_lo"], summ["onnxruntime"]["ms_hi"],
+            summ["onnxruntime"]["rounds"]) == (100, 90, 300, 3)
+    assert summ["opencv-onnx"]["ms"] == 120
+    table = bench.table(list(summ.values())).splitlines()
+    assert table[2] == "| onnxruntime | ours | 1 | 2 | 100 | 90-300 | 0.83x |"
+    assert table[3] == "| opencv-onnx | cv | 1 | 2 | 120 | 110-125 | 1.00x |"
