@@ -10,7 +10,8 @@ of them; reported: the median of the round medians and their min-max spread, plu
 average before and after. Acceptance (issue 15): ONNX Runtime <= OpenCV DNN at batch 1 and 8.
 
 `--write` puts the rows in docs/bench/speed.json and the table in the `## Deployment latency`
-section of docs/BENCHMARKS.md.
+section of docs/BENCHMARKS.md. `--profile` prints, per ONNX Runtime arm at batch 1, the kernel time
+per op type (ONNX Runtime's profiler, after its graph optimisations): where the time goes.
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ from yolocompress.models.darknet import Darknet
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Deployment latency"
+FINDINGS = """\
+Why the export writes mish through the logistic: ONNX Runtime has no Mish kernel (opset 18's `Mish`
+is a function it expands into Softplus + Tanh + Mul) and its Softplus kernel is scalar code, so in
+the Softplus form the 72 Softplus nodes of yolov4 cost about as much as its 110 convs
+(`--profile`). The logistic form (Sigmoid, Sub, Mul, Sub, Div, Mul) runs vectorised. OpenCV 5
+removed its Darknet importer; its ONNX importer on the `--mish op` export (one Mish layer per
+activation, as the Darknet importer built) stands in for it. ONNX Runtime sessions do not spin
+their worker threads (onnx_backend.session_options): on this shared machine spinning made 2
+threads slower than 1."""
 
 
 BACKENDS = ("onnxruntime", "opencv", "torch")
@@ -72,7 +82,7 @@ def _arms(art: dict, model: Darknet, tmp: Path, backends: list[str]):
 
 
 def run(cfg: Path, img_size: int, batches: list[int], threads: int, iters: int, warmup: int,
-        rounds: int, backends: list[str]) -> tuple[list[dict], dict]:
+        rounds: int, backends: list[str], profile_ops: bool = False) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     model = Darknet(read_cfg(cfg))
     model.initialize()
@@ -82,6 +92,10 @@ def run(cfg: Path, img_size: int, batches: list[int], threads: int, iters: int, 
     load = {"before": os.getloadavg()}   # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory() as tmp:
         arms = _arms(art, model.eval(), Path(tmp), backends)
+        for name in ("sigmoid", "softplus") if profile_ops else ():
+            print(f"ONNX Runtime kernel time per op type, mish form {name}, batch 1:")
+            for op, ms, n in profile(Path(tmp) / f"{name}.onnx", img_size, threads):
+                print(f"  {op:<16} {ms:8.1f} ms  ({n} nodes)")
         for r in range(rounds):
             for batch in batches:
                 for label, backend, time_it in arms:
@@ -91,6 +105,31 @@ def run(cfg: Path, img_size: int, batches: list[int], threads: int, iters: int, 
                           f"{res['ms_median']:8.1f} ms", flush=True)
     load["after"] = os.getloadavg()
     return rows, load
+
+
+def profile(path: Path, size: int, threads: int, passes: int = 5) -> list[tuple[str, float, int]]:
+    """[(op type, ms per pass, nodes)] of ONNX Runtime's kernel time at batch 1, largest first."""
+    import numpy as np
+    from collections import Counter
+    from yolocompress.onnx_backend import import_onnxruntime, session_options
+
+    ort = import_onnxruntime()
+    opts = session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    for _ in range(passes):
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    us, count = Counter(), Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            us[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    return [(op, t / passes / 1e3, count[op] // passes) for op, t in us.most_common()]
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -129,11 +168,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="ONNX Runtime time per op type")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "speed.json")
     ap.add_argument("--markdown", type=Path, default=BENCHMARKS_MD)
     args = ap.parse_args()
     rows, load = run(args.cfg, args.img_size, args.batches, args.threads, args.iters, args.warmup,
-                     args.rounds, args.backends)
+                     args.rounds, args.backends, args.profile)
     summ = summary(rows)
     print(table(summ))
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
@@ -148,7 +188,7 @@ def main() -> None:
                      f"interleaved, {args.rounds} rounds; rows in docs/bench/speed.json",
                      f"{machine('torch', 'onnxruntime', 'opencv-python-headless')}; load average "
                      f"before {fmt(load['before'])}, after {fmt(load['after'])} (shared machine)",
-                     table(summ), args.markdown)
+                     f"{table(summ)}\n\n{FINDINGS}", args.markdown)
 
 
 if __name__ == "__main__":

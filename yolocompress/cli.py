@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=_out_path, help="artifact path (.pt)")
     s.set_defaults(func=cmd_import_darknet)
 
-    s = sub.add_parser("predict", help="detect objects in images with an artifact or exported .onnx")
+    s = sub.add_parser("predict", help="detect objects in images (artifact or exported .onnx)")
     s.add_argument("artifact", help="artifact .pt (PyTorch) or exported .onnx (ONNX Runtime)")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--out", required=True, type=_out_path,
@@ -431,9 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=_out_path,
                    help="output path (darknet: stem of .cfg/.weights)")
     s.add_argument("--opset", type=_positive, help="ONNX opset (default: export.DEFAULT_OPSET, 17)")
-    s.add_argument("--mish", help="how mish is written: 'sigmoid' (default) x*n/(2-n), n = s*(2-s), "
-                                  "s = sigmoid(x), fast in ONNX Runtime; 'op' the ONNX Mish op "
-                                  "(opset >= 18); 'softplus' torch's Softplus+Tanh+Mul")
+    s.add_argument("--mish", help="how mish is written: 'sigmoid' (default) x*n/(2-n), "
+                                  "n = s*(2-s), s = sigmoid(x), fast in ONNX Runtime; 'op' the "
+                                  "ONNX Mish op (opset >= 18); 'softplus' Softplus+Tanh+Mul")
     s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
     s.set_defaults(func=cmd_export)
     return p

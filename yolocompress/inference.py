@@ -3,8 +3,8 @@
 `detect_batch` takes a uint8 batch as the data loader yields it (letterboxed or stretched, with the
 metas that invert that) and returns one `Detections` per image. The model is a `Darknet` (PyTorch)
 or an `onnx_backend.OnnxModel` (an exported file in ONNX Runtime); `decoded_rows` is the one seam
-between them, and everything after it (NMS, mapping back, scoring) is shared. `predict_images` reads image files,
-draws the boxes and writes the COCO-results JSON.
+between them, and everything after it (NMS, mapping back, scoring) is shared. `predict_images`
+reads image files, draws the boxes and writes the COCO-results JSON.
 
 Output names (`image_ids`): an image's id, the name of its annotated copy and its `image_id` in
 detections.json, is its file stem; where several inputs share a stem (a/x.jpg, b/x.jpg, x.png),
@@ -39,7 +39,7 @@ Model = Darknet | OnnxModel
 
 @torch.no_grad()
 def decoded_rows(model: Model, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) RGB batch -> decoded rows (B, N, 5+C) in input pixels, on either backend."""
+    """uint8 (B, 3, H, W) RGB batch -> decoded rows (B, N, 5+C) in input pixels (either backend)."""
     if isinstance(model, OnnxModel):
         return model(images.float().div_(255))
     device = next(model.parameters()).device
