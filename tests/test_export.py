@@ -74,6 +74,7 @@ def test_onnx_mish_forms(tmp_path):
     default = _ops(export_onnx(art, tmp_path / "a.onnx"))
     assert default["Softplus"] == default["Tanh"] == default["Mish"] == 0
     assert default["Sigmoid"] == mish_layers + 6          # + the 3 heads' xy and obj/class
+    assert _ops(export_onnx(art, tmp_path / "a18.onnx", opset=18)) == default   # DEFAULT_OPSET
     op = export_onnx(art, tmp_path / "b.onnx", opset=18, mish="op")
     assert _ops(op)["Mish"] == mish_layers and _ops(op)["Softplus"] == 0
     softplus = export_onnx(art, tmp_path / "c.onnx", mish="softplus")
