@@ -93,7 +93,7 @@ def _red(pair) -> str:
 
 
 def _latency_table(rows) -> list[str]:
-    out = ["| model | batch | threads | ms before | ms after | latency reduction | "
+    out = ["| model | batch | threads | ms before (torch) | ms after (torch) | latency reduction | "
            "FLOPs reduction | ratio (target >= 0.9) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     out += [f"| {r['cfg']} | {r['batch']} | {r['threads']} | {r['ms'][0]:.1f} | {r['ms'][1]:.1f} "
             f"| {r['lat_red']:.1%} | {r['flops_red']:.1%} | {r['lat_red'] / r['flops_red']:.2f} |"

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from yolocompress.errors import YoloCompressError
-from yolocompress.eval.speed import measure_latency, measure_latency_onnx
+from yolocompress.eval.speed import (measure_latency, measure_latency_onnx,
+                                     measure_latency_opencv, opencv_has_darknet)
 
 
 class Sleeper(nn.Module):
@@ -65,15 +66,71 @@ def test_bad_arguments_are_errors(tmp_path):
         measure_latency_onnx(tmp_path / "missing.onnx", 32)
 
 
-def test_onnx_runtime_latency(tmp_path):
-    pytest.importorskip("onnxruntime")
-    path = tmp_path / "m.onnx"
+def _small_onnx(path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # the TorchScript exporter's deprecation notices
         torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
                           input_names=["images"], output_names=["out"],
                           dynamic_axes={"images": {0: "batch"}, "out": {0: "batch"}})
+    return path
+
+
+def test_onnx_runtime_latency(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path = _small_onnx(tmp_path / "m.onnx")
     r = measure_latency_onnx(path, 32, batch=4, warmup=1, iters=3, threads=1)
     assert (r["backend"], r["threads"], r["batch"], r["iters"]) == ("onnxruntime", 1, 4, 3)
     assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+
+
+def test_opencv_latency_onnx_importer_sets_and_restores_threads(tmp_path):
+    import cv2
+    path = _small_onnx(tmp_path / "m.onnx")
+    before = cv2.getNumThreads()
+    r = measure_latency_opencv(path, 32, batch=2, warmup=1, iters=3, threads=1)
+    assert (r["backend"], r["threads"], r["batch"], r["iters"], r["img_size"]) == \
+        ("opencv-onnx", 1, 2, 3, [32, 32])
+    assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+    assert cv2.getNumThreads() == before
+    with pytest.raises(YoloCompressError, match="no such file"):
+        measure_latency_opencv(tmp_path / "missing.onnx", 32)
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    with pytest.raises(YoloCompressError, match="OpenCV DNN cannot load it"):
+        measure_latency_opencv(tmp_path / "bad.onnx", 32)
+
+
+def test_opencv_darknet_importer_or_a_clear_error(tmp_path):
+    from conftest import TINY_CFG
+    from yolocompress.artifacts import artifact_from_model
+    from yolocompress.export import export_darknet
+    from yolocompress.models.cfg import read_cfg
+    from yolocompress.models.darknet import Darknet
+    m = Darknet(read_cfg(TINY_CFG), classes=2)
+    cfg, weights = export_darknet(artifact_from_model(m, "baseline", ["a", "b"],
+                                                      input_size=[64, 64]), tmp_path / "m")
+    if opencv_has_darknet():
+        r = measure_latency_opencv(cfg, 64, warmup=0, iters=2, threads=1, weights=weights)
+        assert r["backend"] == "opencv-darknet" and r["iters"] == 2
+    else:   # OpenCV 5 removed the importer
+        with pytest.raises(YoloCompressError, match="has no Darknet importer"):
+            measure_latency_opencv(cfg, 64, weights=weights)
+
+
+def test_bench_speed_summary_is_the_median_of_round_medians_with_spread():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"arm": arm, "backend": be, "batch": 1, "threads": 2, "ms_median": ms}
+            for arm, be, times in (("ours", "onnxruntime", (90, 100, 300)),
+                                   ("cv", "opencv-onnx", (120, 125, 110)))
+            for ms in times]
+    summ = {s["backend"]: s for s in bench.summary(rows)}
+    assert (summ["onnxruntime"]["ms"], summ["onnxruntime"]["ms_lo"], summ["onnxruntime"]["ms_hi"],
+            summ["onnxruntime"]["rounds"]) == (100, 90, 300, 3)
+    assert summ["opencv-onnx"]["ms"] == 120
+    table = bench.table(list(summ.values())).splitlines()
+    assert table[2] == "| onnxruntime | ours | 1 | 2 | 100 | 90-300 | 0.83x |"
+    assert table[3] == "| opencv-onnx | cv | 1 | 2 | 120 | 110-125 | 1.00x |"

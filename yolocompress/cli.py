@@ -113,14 +113,15 @@ def _class_names(names: str | None, classes: int | None) -> list[str] | None:
 
 def cmd_export(args) -> None:
     from .artifacts import load_artifact
-    from .export import export_darknet, export_onnx
+    from .export import DEFAULT_OPSET, export_darknet, export_onnx
 
     art = load_artifact(args.artifact)
     if args.format == "darknet":
         cfg, weights = export_darknet(art, args.out, inputs=[args.artifact])
         print(f"wrote {cfg} and {weights}")
     else:
-        out = export_onnx(art, args.out, opset=args.opset, inputs=[args.artifact])
+        out = export_onnx(art, args.out, opset=args.opset or DEFAULT_OPSET, inputs=[args.artifact],
+                          mish=args.mish or "sigmoid")
         print(f"wrote {out}")
         if args.check:
             from .export import check_onnx
@@ -128,18 +129,30 @@ def cmd_export(args) -> None:
             print(f"ONNX Runtime vs PyTorch: max abs diff {diff:.2e}")
 
 
-def cmd_predict(args) -> None:
-    from .artifacts import build_model, load_artifact
-    from .inference import predict_images
+def _load_model(path: str, names=None, threads: int | None = None):
+    """(model, class names, input size) of an artifact (.pt, PyTorch) or an exported .onnx file
+    (ONNX Runtime, `threads` intra-op threads); `names` given: the model's must equal them."""
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnx_backend import OnnxModel
+        model = OnnxModel(path, threads)
+        if names is not None and list(model.names) != list(names):
+            raise YoloCompressError(f"{path}: model classes {model.names} differ from the data "
+                                    f"set's {list(names)}")
+        return model, model.names, list(model.input_size)
+    from .artifacts import build_model, load_parent
+    art = load_parent(path, names, role="model")
+    return build_model(art, source=path), art["classes"], art["input_size"]
 
+
+def cmd_predict(args) -> None:
     from .fileio import refuse_overwrite
+    from .inference import predict_images
 
     paths = _expand_images(args.images)
     refuse_overwrite([args.out], [args.artifact, *args.images])
-    art = load_artifact(args.artifact)
-    model = build_model(art, source=args.artifact)
-    size = args.img_size or art["input_size"][0]
-    dets = predict_images(model, art["classes"], paths, args.out, size,
+    model, names, input_size = _load_model(args.artifact, threads=args.threads)
+    size = args.img_size or input_size[0]
+    dets = predict_images(model, names, paths, args.out, size,
                           model.letterbox if args.letterbox is None else args.letterbox,
                           args.conf_thresh, args.iou_thresh, args.max_det)
     total = sum(len(d) for d in dets)
@@ -230,11 +243,9 @@ def cmd_eval(args) -> None:
     else:
         if not args.artifact:
             raise YoloCompressError("give an ARTIFACT or --detections DETS.json")
-        from .artifacts import build_model, load_parent
         from .eval.evaluate import ModelEvaluator
-        art = load_parent(args.artifact, desc.names, role="model")
-        model = build_model(art, source=args.artifact)
-        evaluator = ModelEvaluator(desc.names, args.img_size or art["input_size"][0],
+        model, _, input_size = _load_model(args.artifact, desc.names, args.threads)
+        evaluator = ModelEvaluator(desc.names, args.img_size or input_size[0],
                                    model.letterbox, args.metric, args.batch_size, args.workers,
                                    args.conf_thresh, args.iou_thresh)
         res = evaluate_model(model, records, evaluator, plots_dir=args.plots)
@@ -321,6 +332,9 @@ def _add_stage_commands(sub) -> None:
         s.set_defaults(func=cmd_stage, stage_name=stage.name)
 
 
+_THREADS_HELP = "ONNX Runtime intra-op threads for an .onnx model (default: one per core)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="yolocompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -343,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=_out_path, help="artifact path (.pt)")
     s.set_defaults(func=cmd_import_darknet)
 
-    s = sub.add_parser("predict", help="detect objects in images with an artifact")
-    s.add_argument("artifact")
+    s = sub.add_parser("predict", help="detect objects in images (artifact or exported .onnx)")
+    s.add_argument("artifact", help="artifact .pt (PyTorch) or exported .onnx (ONNX Runtime)")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--out", required=True, type=_out_path,
                    help="folder for annotated images <id>.jpg and detections.json (id: the file "
@@ -355,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-det", type=_positive, default=300)
     s.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the aspect ratio (default: as the cfg's letter_box says)")
+    s.add_argument("--threads", type=_positive, help=_THREADS_HELP)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("data", help="data-set utilities")
@@ -395,8 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--no-write", action="store_true", help="do not touch any BENCHMARKS.md")
         b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact or of a detections file")
-    s.add_argument("artifact", nargs="?")
+    s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact, an exported .onnx or a "
+                                    "detections file")
+    s.add_argument("artifact", nargs="?", help="artifact .pt (PyTorch) or exported .onnx "
+                                               "(ONNX Runtime)")
     s.add_argument("--data", required=True, help="data descriptor YAML")
     s.add_argument("--split", default="val")
     s.add_argument("--metric", choices=["voc07", "voc12", "coco"], default="voc07")
@@ -408,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iou-thresh", type=_unit_interval, default=0.45)
     s.add_argument("--plots", type=_out_path, help="folder for the PR-curve plot")
     s.add_argument("--json", type=_out_path, help="write {metric, map, per_class, ...} here")
+    s.add_argument("--threads", type=_positive, help=_THREADS_HELP)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("export", help="artifact -> Darknet cfg+weights or ONNX")
@@ -415,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["darknet", "onnx"], required=True)
     s.add_argument("--out", required=True, type=_out_path,
                    help="output path (darknet: stem of .cfg/.weights)")
-    s.add_argument("--opset", type=_positive, default=17)
+    s.add_argument("--opset", type=_positive, help="ONNX opset (default: export.DEFAULT_OPSET, 17)")
+    s.add_argument("--mish", help="how mish is written: 'sigmoid' (default) x*n/(2-n), "
+                                  "n = s*(2-s), s = sigmoid(x), fast in ONNX Runtime; 'op' the "
+                                  "ONNX Mish op (opset >= 18); 'softplus' Softplus+Tanh+Mul")
     s.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch")
     s.set_defaults(func=cmd_export)
     return p

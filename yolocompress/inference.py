@@ -1,8 +1,10 @@
 """Model -> detections in original-image pixels; shared by `predict` and evaluation.
 
 `detect_batch` takes a uint8 batch as the data loader yields it (letterboxed or stretched, with the
-metas that invert that) and returns one `Detections` per image. `predict_images` reads image files,
-draws the boxes and writes the COCO-results JSON.
+metas that invert that) and returns one `Detections` per image. The model is a `Darknet` (PyTorch)
+or an `onnx_backend.OnnxModel` (an exported file in ONNX Runtime); `decoded_rows` is the one seam
+between them, and everything after it (NMS, mapping back, scoring) is shared. `predict_images`
+reads image files, draws the boxes and writes the COCO-results JSON.
 
 Output names (`image_ids`): an image's id, the name of its annotated copy and its `image_id` in
 detections.json, is its file stem; where several inputs share a stem (a/x.jpg, b/x.jpg, x.png),
@@ -27,18 +29,30 @@ from .eval.detections import Detections, save_detections_json
 from .fileio import atomic_open, make_dir, refuse_overwrite
 from .models.darknet import Darknet
 from .models.yolo import decode, postprocess
+from .onnx_backend import OnnxModel
 
-__all__ = ["detect_batch", "preprocess", "predict_images", "draw_detections", "image_ids"]
+__all__ = ["Model", "decoded_rows", "detect_batch", "preprocess", "predict_images",
+           "draw_detections", "image_ids"]
+
+Model = Darknet | OnnxModel
 
 
 @torch.no_grad()
-def detect_batch(model: Darknet, images: torch.Tensor, metas: Sequence[dict[str, Any]],
+def decoded_rows(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) RGB batch -> decoded rows (B, N, 5+C) in input pixels (either backend)."""
+    if isinstance(model, OnnxModel):
+        return model(images.float().div_(255))
+    device = next(model.parameters()).device
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return decode(model(x), model.heads, (x.shape[-2], x.shape[-1]))
+
+
+@torch.no_grad()
+def detect_batch(model: Model, images: torch.Tensor, metas: Sequence[dict[str, Any]],
                  conf_thresh: float = 0.25, iou_thresh: float = 0.45,
                  max_det: int = 300) -> list[Detections]:
     """uint8 (B, 3, H, W) batch -> per-image Detections mapped back to the original image."""
-    device = next(model.parameters()).device
-    x = images.to(device, non_blocking=True).float().div_(255)
-    decoded = decode(model(x), model.heads, (x.shape[-2], x.shape[-1]))
+    decoded = decoded_rows(model, images)
     out = []
     for pred, meta in zip(postprocess(decoded.float(), conf_thresh, iou_thresh, max_det), metas):
         boxes = to_original(pred.boxes.cpu(), meta).numpy()
@@ -95,7 +109,7 @@ def image_ids(paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def predict_images(model: Darknet, names: Sequence[str], paths: Sequence[str | Path],
+def predict_images(model: Model, names: Sequence[str], paths: Sequence[str | Path],
                    out_dir: str | Path, size: int, use_letterbox: bool,
                    conf_thresh: float = 0.25, iou_thresh: float = 0.45,
                    max_det: int = 300) -> list[Detections]:

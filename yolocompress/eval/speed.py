@@ -4,7 +4,12 @@
 after `warmup` untimed ones, under torch.inference_mode with a fixed torch thread count, and
 returns per-pass statistics in milliseconds (the median is the number to quote). The model is
 left as it was (device, train/eval mode) and the thread count is restored.
-`measure_latency_onnx(path, ...)` does the same for an ONNX file in ONNX Runtime (CPU).
+`measure_latency_onnx(path, ...)` does the same for an ONNX file in ONNX Runtime (CPU, the session
+options of `onnx_backend.session_options`), and `measure_latency_opencv(...)` for OpenCV DNN (CPU,
+its own backend): a Darknet cfg + weights through its Darknet importer where this OpenCV has one
+(OpenCV < 5), or an ONNX file through its ONNX importer. All three share one protocol (`_time`,
+`_stats`: `warmup` untimed passes, then `iters` timed ones of one fixed random batch) and report
+`backend` ("torch", "onnxruntime", "opencv-darknet", "opencv-onnx") and `threads`.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from torch import nn
 
 from ..errors import YoloCompressError
 
-__all__ = ["measure_latency", "measure_latency_onnx"]
+__all__ = ["measure_latency", "measure_latency_onnx", "measure_latency_opencv",
+           "opencv_has_darknet"]
 
 
 def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -106,27 +112,79 @@ def measure_latency(model: nn.Module, img_size: int | tuple[int, int], batch: in
             "threads": used, "device": str(device), "backend": "torch", "fused_bn": fuse_bn}
 
 
+def _input(batch: int, channels: int, h: int, w: int, seed: int) -> np.ndarray:
+    return torch.rand(batch, channels, h, w, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def _result(times: list[float], batch: int, h: int, w: int, iters: int, threads: int,
+            backend: str) -> dict:
+    return {**_stats(times, batch), "batch": batch, "img_size": [h, w], "iters": iters,
+            "threads": threads, "device": "cpu", "backend": backend}
+
+
 def measure_latency_onnx(path: str | os.PathLike, img_size: int | tuple[int, int], batch: int = 1,
                          warmup: int = 3, iters: int = 20, threads: int | None = None,
                          channels: int = 3, seed: int = 0) -> dict:
     """measure_latency's statistics for an ONNX model in ONNX Runtime's CPU provider; `threads`
     sets its intra-op threads (None: ONNX Runtime's default, reported as 0)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise YoloCompressError("onnxruntime is not installed (pip install 'yolocompress[onnx]')"
-                                ) from e
+    from ..onnx_backend import session
+
     h, w = _size(img_size)
     _check(batch, warmup, iters, threads)
-    path = Path(path)
-    if not path.is_file():
-        raise YoloCompressError(f"{path}: no such ONNX file")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or 0
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = torch.rand(batch, channels, h, w, generator=torch.Generator().manual_seed(seed)).numpy()
-    times = _time(lambda: session.run(None, {name: x}), warmup, iters, lambda: None)
-    return {**_stats(times, batch), "batch": batch, "img_size": [h, w], "iters": iters,
-            "threads": opts.intra_op_num_threads, "device": "cpu", "backend": "onnxruntime"}
+    sess = session(path, threads)
+    name = sess.get_inputs()[0].name
+    x = _input(batch, channels, h, w, seed)
+    times = _time(lambda: sess.run(None, {name: x}), warmup, iters, lambda: None)
+    return _result(times, batch, h, w, iters, threads or 0, "onnxruntime")
+
+
+def opencv_has_darknet() -> bool:
+    """Whether this OpenCV still has its Darknet importer (removed in OpenCV 5)."""
+    import cv2
+    return hasattr(cv2.dnn, "readNetFromDarknet")
+
+
+def measure_latency_opencv(model: str | os.PathLike, img_size: int | tuple[int, int],
+                           batch: int = 1, warmup: int = 3, iters: int = 20,
+                           threads: int | None = None, channels: int = 3, seed: int = 0,
+                           weights: str | os.PathLike | None = None) -> dict:
+    """measure_latency's statistics for OpenCV DNN on the CPU: `model` a Darknet .cfg with its
+    `weights` (the Darknet importer; an error where this OpenCV lacks it), or an .onnx file.
+    `threads` sets cv2's thread count while timing (None: as it is; restored afterwards)."""
+    import cv2
+
+    h, w = _size(img_size)
+    _check(batch, warmup, iters, threads)
+    model = Path(model)
+    for p in (model, *([Path(weights)] if weights is not None else [])):
+        if not p.is_file():
+            raise YoloCompressError(f"{p}: no such file")
+    if weights is not None:
+        if not opencv_has_darknet():
+            raise YoloCompressError(f"OpenCV {cv2.__version__} has no Darknet importer (removed in "
+                                    f"OpenCV 5); time the ONNX export instead")
+        net, backend = cv2.dnn.readNetFromDarknet(str(model), str(weights)), "opencv-darknet"
+    else:
+        try:
+            net, backend = cv2.dnn.readNetFromONNX(str(model)), "opencv-onnx"
+        except cv2.error as e:
+            raise YoloCompressError(f"{model}: OpenCV DNN cannot load it ({str(e).strip()[-200:]})"
+                                    ) from e
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    outputs = net.getUnconnectedOutLayersNames()
+    x = _input(batch, channels, h, w, seed)
+
+    def run():
+        net.setInput(x)
+        return net.forward(outputs)
+
+    old = cv2.getNumThreads()
+    if threads is not None:
+        cv2.setNumThreads(threads)
+    try:
+        times = _time(run, warmup, iters, lambda: None)
+        used = cv2.getNumThreads()
+    finally:
+        cv2.setNumThreads(old)
+    return _result(times, batch, h, w, iters, used, backend)
