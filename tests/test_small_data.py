@@ -168,3 +168,23 @@ def test_sparse_stage_on_40_images_reaches_peak_lr_and_sparsity(tmp_path, capsys
     check_sparsity(cfg, short, force=True)                        # a warning only
     assert "warning: " in capsys.readouterr().out
     assert check_sparsity(load_config(exp, ["name=short", "sparse.check=0"]), short)[0] == 0.0
+
+
+@pytest.mark.parametrize("best_from, expected", [(0.0, 0.9), (0.8, 0.6)])
+def test_best_checkpoint_only_from_the_end_of_a_stage(tmp_path, best_from, expected):
+    from test_engine import make_artifact, tiny_model
+
+    from yolocompress.artifacts import load_artifact
+    from yolocompress.train.hooks import CheckpointHook
+    model = tiny_model()
+    t = SimpleNamespace(epochs=5, storage={}, model_for_eval=model, module=model,
+                        state_dict=lambda: {})
+    hook = CheckpointHook(tmp_path, make_artifact, best_from=best_from)
+    hook.trainer = t
+    for epoch, value in enumerate([0.9, 0.8, 0.7, 0.6, 0.5]):   # the score falls as gammas go
+        t.epoch, t.storage["map50_voc07"] = epoch, value
+        hook.after_epoch()
+    # 0.8 x 5 epochs: only epochs 4 and 5 compete (the sparse stage's BEST_FROM on the demo)
+    assert load_artifact(tmp_path / "best.pt")["metrics"]["map50_voc07"] == expected
+    with pytest.raises(YoloCompressError, match="best_from"):
+        CheckpointHook(tmp_path, make_artifact, best_from=1.5)

@@ -29,6 +29,9 @@ __all__ = ["penalised_layers", "build_sparse", "run_sparse", "sparsity_needs", "
            "command", "pipeline_step"]
 
 HIST_PNG = "gamma_histograms.png"
+# best.pt (the model pruned) comes from the last fifth of the stage, where the penalty has done its
+# work: on a small set a long stage evaluates often, and its early, barely sparse epochs score best
+BEST_FROM = 0.8
 
 
 def penalised_layers(model: Darknet, include_excluded: bool = False) -> list[int]:
@@ -74,7 +77,8 @@ def build_sparse(config: Config, data: DataSplits,
     mult = config.sparse.gamma_lr_mult
     lr_mult = ([model.layers[i].bn.weight for i in layers], mult) if mult != 1.0 else None
     return config, StageParts(model=model, parent=parent, hooks=[hook],
-                              extra={"sparsity": hook.record}, lr_mult=lr_mult)
+                              extra={"sparsity": hook.record}, lr_mult=lr_mult,
+                              best_from=BEST_FROM)
 
 
 def sparsity_needs(config: Config, path: str | os.PathLike) -> tuple[float, float]:

@@ -153,7 +153,9 @@ def _finite(model: nn.Module) -> bool:
 
 class CheckpointHook(HookBase):
     """`last.pt` after every epoch (artifact + `train_state`), `best.pt` whenever
-    `trainer.storage[metric]` improves (or at the end, if the metric never appeared).
+    `trainer.storage[metric]` improves (or at the end, if the metric never appeared). With
+    `best_from` > 0 only epochs e (1-based) with e >= best_from·epochs compete for best.pt (a
+    stage whose point is the state it reaches, as sparse training, saves a model from its end).
 
     `make_artifact_fn(model, metrics) -> artifact dict` (e.g. via `artifact_from_model`); `model` is
     `trainer.model_for_eval` (the EMA weights when EMA is on), `metrics` a copy of trainer.storage.
@@ -163,9 +165,12 @@ class CheckpointHook(HookBase):
     priority = 80
 
     def __init__(self, out_dir: str | os.PathLike, make_artifact_fn: Callable[[nn.Module, dict], dict],
-                 metric: str = "map50_voc07", mode: str = "max") -> None:
+                 metric: str = "map50_voc07", mode: str = "max", best_from: float = 0.0) -> None:
         if mode not in ("max", "min"):
             raise YoloCompressError(f"CheckpointHook mode must be 'max' or 'min', got '{mode}'")
+        if not 0 <= best_from <= 1:
+            raise YoloCompressError(f"CheckpointHook best_from must be in [0, 1], got {best_from}")
+        self.best_from = best_from
         self.out_dir = Path(out_dir)
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
         self.make_artifact_fn, self.metric, self.mode = make_artifact_fn, metric, mode
@@ -192,7 +197,7 @@ class CheckpointHook(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        value = t.storage.get(self.metric)
+        value = t.storage.get(self.metric) if t.epoch + 1 >= self.best_from * t.epochs else None
         improved = value is not None and math.isfinite(float(value)) and (
             self.best is None or (float(value) > self.best if self.mode == "max"
                                   else float(value) < self.best))

@@ -195,11 +195,13 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
               parent: dict | None = None, teacher: dict | None = None,
               hooks: Sequence[HookBase] = (), criterion_wrapper: Callable | None = None,
               extra: dict | None = None, force: bool = False, data: DataSplits | None = None,
-              lr_mult: tuple[Sequence[nn.Parameter], float] | None = None) -> Path:
+              lr_mult: tuple[Sequence[nn.Parameter], float] | None = None,
+              best_from: float = 0.0) -> Path:
     """Train one stage; returns the path of its best.pt. See the module docstring for skip and
     resume. `parent` / `teacher`: load_parent dicts (their sha256 are inputs); without `model`
     the model comes from `initial_model`. `lr_mult` = (parameters of `model`, m): those train at
-    m times the lr (build_optimizer)."""
+    m times the lr (build_optimizer); `best_from`: CheckpointHook's (best.pt from the epochs after
+    that share of the stage)."""
     out_dir = stage_dir(config, stage)
     best = out_dir / "best.pt"
     if model is None and config.weights_path is not None and config.weights_path.suffix == ".pt":
@@ -219,7 +221,8 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
         if dist.is_main:
             remove_stale_temps(out_dir)
         return _train(config, stage, model, parent, data, dist, out_dir, hooks,
-                      criterion_wrapper, {**(extra or {}), "inputs": inputs}, force, lr_mult)
+                      criterion_wrapper, {**(extra or {}), "inputs": inputs}, force, lr_mult,
+                      best_from)
     finally:
         cleanup()
 
@@ -234,6 +237,7 @@ class StageParts:
     criterion_wrapper: Callable | None = None   # detection criterion -> the stage's criterion
     extra: dict = field(default_factory=dict)   # artifact keys, unpacked at every save
     lr_mult: tuple[Sequence[nn.Parameter], float] | None = None
+    best_from: float = 0.0              # best.pt only from epochs after this share of the stage
 
 
 def build_baseline(config: Config, data: DataSplits) -> tuple[Config, StageParts]:
@@ -248,7 +252,8 @@ def train_built(config: Config, stage: str, force: bool = False, **sources: Any)
     config, parts = resolve(get_stage(stage).build)(config, data, **sources)
     return run_stage(config, stage, model=parts.model, parent=parts.parent, teacher=parts.teacher,
                      hooks=parts.hooks, criterion_wrapper=parts.criterion_wrapper,
-                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult)
+                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult,
+                     best_from=parts.best_from)
 
 
 def train_command(config: Config, args: Any) -> Path:
@@ -257,7 +262,7 @@ def train_command(config: Config, args: Any) -> Path:
 
 
 def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
-           force, lr_mult):
+           force, lr_mult, best_from):
     tc, names = config.train, data.names
     img = config.model.img_size
     letterbox = uses_letterbox(config, model)
@@ -292,7 +297,7 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
         lr_schedule,
         EvalHook(config_evaluator(config, data.val, names, letterbox), every=tc.eval_interval),
         LoggerHook(out_dir),
-        CheckpointHook(out_dir, make_artifact, metric=metric_key),
+        CheckpointHook(out_dir, make_artifact, metric=metric_key, best_from=best_from),
         *hooks,
     ]
     if tc.multi_scale:
