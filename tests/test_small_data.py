@@ -188,3 +188,12 @@ def test_best_checkpoint_only_from_the_end_of_a_stage(tmp_path, best_from, expec
     assert load_artifact(tmp_path / "best.pt")["metrics"]["map50_voc07"] == expected
     with pytest.raises(YoloCompressError, match="best_from"):
         CheckpointHook(tmp_path, make_artifact, best_from=1.5)
+
+
+def test_sparse_check_is_not_an_input_of_the_sparse_stage(tmp_path):
+    from yolocompress.inputs import stage_inputs
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("sparse:\n  s: 0.01\n")
+    a, b, c = (stage_inputs(load_config(exp, o), "sparse")
+               for o in ([], ["sparse.check=0"], ["sparse.s=0.02"]))
+    assert a == b and a != c        # stopping the pipeline or not changes nothing it trained

@@ -28,9 +28,11 @@ from .stages import get_stage
 __all__ = ["stage_inputs", "artifact_inputs", "recorded_inputs", "describe_changes",
            "reuse_complete", "check_resume", "artifact_complete"]
 
-# where a run writes, how many loader processes, whether images are cached, and model.weights
-# (the parent's / the weights file's sha256 stands for it): not inputs of the result
-_IGNORED = {"train": ("out_dir",), "data": ("workers", "cache_images"), "model": ("weights",)}
+# where a run writes, how many loader processes, whether images are cached, model.weights
+# (the parent's / the weights file's sha256 stands for it) and sparse.check (read after the
+# stage, by the pipeline): not inputs of the result
+_IGNORED = {"train": ("out_dir",), "data": ("workers", "cache_images"), "model": ("weights",),
+            "sparse": ("check",)}
 
 
 def _sections(config_dict: dict, stage: str) -> dict:
