@@ -2,6 +2,7 @@
 the report, skipping complete stages, and a SIGKILL mid-stage followed by a clean resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,3 +148,18 @@ def test_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path, caps
         load_artifact(base / "runs" / "exp" / stage / "best.pt")   # checks cfg/state_dict
     assert load_artifact(sparse / "last.pt", check=False)["train_state"]["epoch"] == 3
     assert not list((base / "runs").rglob("*.tmp*"))
+
+
+def test_pipeline_stops_before_pruning_when_stage1_achieved_nothing(mini, capsys):
+    # one epoch of stage 1 at lr 1e-3 leaves no gamma near 0, while pruning would cut half
+    code = main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "0", *FAST,
+                 "name=stop", "sparse.check=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.fullmatch(r"error: \S+/runs/stop/sparse/best\.pt: stage 1 left 0\.0% of the "
+                        r"penalised BN gammas below 0\.01, but pruning removes \d+\.\d% of those "
+                        r"channels \(needs >= \d+\.\d%, sparse\.check=0\.5\): train stage 1 longer "
+                        r"\(sparse\.steps\), raise sparse\.s or use sparse\.schedule=target "
+                        r"sparse\.target_fraction=0\.\d\d; --force prunes anyway\n", err)
+    assert stage_complete(load_config(mini / "exp.yaml", ["name=stop"]), "sparse")
+    assert not (mini / "runs" / "stop" / "pruned").exists()

@@ -130,6 +130,9 @@ class TrainConfig(_Section):
     momentum: float = 0.949               # SGD momentum, or Adam beta1
     weight_decay: float = 0.0005          # L2 decay on conv weights only (not BN, not biases)
     burn_in: int = 1000                   # warm-up steps: lr * (step / burn_in) ** burn_in_power
+    # each stage's warm-up is at most this share of the stage's own optimizer steps (a stage of
+    # 15 steps on a small set warms up for 3, not 50); null = burn_in as given (Darknet)
+    burn_in_max: Optional[float] = 0.25
     burn_in_power: float = 4.0            # exponent of the warm-up curve (Darknet power=4)
     schedule: Literal["steps", "cosine"] = "steps"  # after burn-in: decay at `steps`, or cosine
     steps: tuple[float, ...] = (0.8, 0.9)  # fractions of all optimizer steps where lr *= scales
@@ -156,6 +159,8 @@ class TrainConfig(_Section):
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _require(self.burn_in_power > 0, "burn_in_power", "must be > 0", self.burn_in_power)
+        _require(self.burn_in_max is None or 0 <= self.burn_in_max < 1, "burn_in_max",
+                 "must be in [0, 1) or null", self.burn_in_max)
         _require(all(0 < s < 1 for s in self.steps)
                  and all(a < b for a, b in zip(self.steps, self.steps[1:])),
                  "steps", "must be increasing fractions in (0, 1)", list(self.steps))
@@ -211,9 +216,11 @@ class EvalConfig(_Section):
 
 
 def _check_stage_budget(section: Any) -> None:
-    """A training stage's own `epochs` / `lr` overrides: null, or >= 1 / > 0."""
+    """A training stage's own `epochs` / `steps` / `lr` overrides: null, or >= 1 / >= 1 / > 0."""
     _require(section.epochs is None or section.epochs >= 1, "epochs", "must be >= 1 or null",
              section.epochs)
+    _require(section.steps is None or section.steps >= 1, "steps", "must be >= 1 or null",
+             section.steps)
     _require(section.lr is None or section.lr > 0, "lr", "must be > 0 or null", section.lr)
 
 
@@ -222,7 +229,10 @@ class SparseConfig(_Section):
     # stage 1 sparse-rate schedule: local_decay (the method's dynamic rule) | constant (network
     # slimming) | step | cosine | linear | target (adapts s to reach target_fraction)
     schedule: Literal["local_decay", "constant", "step", "cosine", "linear", "target"] = "local_decay"
-    epochs: Optional[int] = None          # this stage's epochs; null = train.epochs
+    epochs: Optional[int] = None          # this stage's epochs; null = `steps`, else train.epochs
+    # this stage's budget in optimizer steps, used when epochs is null: the fewest whole epochs
+    # that make at least this many (a recipe then trains as long on 60 images as on 1000)
+    steps: Optional[int] = None
     lr: Optional[float] = None            # this stage's lr; null = train.lr
     optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None  # null = train.optimizer
     s: float = 1e-3                       # base L1 rate on BN gammas; 1e-4 is safer from COCO weights
@@ -243,10 +253,15 @@ class SparseConfig(_Section):
     # keep train.ema in this stage: off by default, since an EMA of the weights lags the gammas the
     # penalty drives to zero, and the EMA is what gets saved and later pruned
     ema: bool = False
+    # `yolocompress pipeline` stops before pruning when the share of penalised |gamma| below 1e-2
+    # at the end is under this times the share of penalised channels the prune stage will remove
+    # (--force prunes anyway); 0 = no check
+    check: float = 0.5
 
     def _validate(self) -> None:
         _check_stage_budget(self)
         _require(self.s > 0, "s", "must be > 0", self.s)
+        _require(self.check >= 0, "check", "must be >= 0", self.check)
         _require(self.gamma_lr_mult > 0, "gamma_lr_mult", "must be > 0", self.gamma_lr_mult)
         for name in ("switch_at", "warmup"):
             _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
@@ -312,9 +327,10 @@ class DistillConfig(_Section):
     # student's BN, so an identical student has zero loss; "eval" = its running statistics (the
     # authors' eval-mode teacher; on the demo that regime gap alone is 2/3 of the AT term)
     teacher_bn: Literal["eval", "batch"] = "batch"
-    # this stage's epochs, lr and optimizer (also those of the plain fine-tune it is compared
-    # with); null = train.epochs / train.lr / train.optimizer
+    # this stage's epochs (null: `steps`, optimizer steps as sparse.steps), lr and optimizer (also
+    # those of the plain fine-tune it is compared with); null = train.epochs / lr / optimizer
     epochs: Optional[int] = None
+    steps: Optional[int] = None
     lr: Optional[float] = None
     optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
 

@@ -29,10 +29,11 @@ __all__ = ["stage_inputs", "artifact_inputs", "recorded_inputs", "describe_chang
            "reuse_complete", "check_resume", "artifact_complete"]
 
 # where a run writes, on which device, how often it logs, how many loader processes, whether
-# images are cached, and model.weights (the parent's / the weights file's sha256 stands for it):
-# not inputs of the result (a run interrupted on one machine may be resumed on another)
+# images are cached, model.weights (the parent's / the weights file's sha256 stands for it) and
+# sparse.check (read after the stage, by the pipeline): not inputs of the result (a run
+# interrupted on one machine may be resumed on another)
 _IGNORED = {"train": ("out_dir", "device", "log_interval"), "data": ("workers", "cache_images"),
-            "model": ("weights",)}
+            "model": ("weights",), "sparse": ("check",)}
 
 
 def _sections(config_dict: dict, stage: str) -> dict:

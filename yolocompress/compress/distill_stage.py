@@ -8,7 +8,7 @@ sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperat
 box_kd_margin, teacher_bn, ref_size}.
 
 `run_finetune` (`build_finetune`) is the control it is measured against: the same student,
-epochs and lr (`distill.epochs`, `distill.lr`), detection loss only, stage `finetuned`.
+budget and lr (`distill.epochs` or `.steps`, `distill.lr`), detection loss only, stage `finetuned`.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _student(data: DataSplits, path: str | os.PathLike, stage: str) -> tuple[dic
 
 def build_finetune(config: Config, data: DataSplits, student: str | os.PathLike
                    ) -> tuple[Config, StageParts]:
-    config = with_stage_budget(config, config.distill)
+    config = with_stage_budget(config, config.distill, len(data.train))
     student_art, extra = _student(data, student, "finetuned")
     model = build_model(student_art, source=student_art["path"])
     return config, StageParts(model=model, parent=student_art, extra=extra)
@@ -75,7 +75,7 @@ def build_finetune(config: Config, data: DataSplits, student: str | os.PathLike
 def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
                   teacher: str | os.PathLike | None = None) -> tuple[Config, StageParts]:
     """The student, the frozen teacher, the distilled layers and the DistillCriterion."""
-    config = with_stage_budget(config, config.distill)
+    config = with_stage_budget(config, config.distill, len(data.train))
     dc = config.distill
     student_art, extra = _student(data, student, "distilled")
     teacher_art = load_parent(teacher or default_teacher(student_art), data.names,

@@ -47,7 +47,7 @@ from .groups import GROUPINGS, Group, group_layers
 from .importance import get_importance
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
 
-__all__ = ["run_prune", "command", "pipeline_step"]
+__all__ = ["run_prune", "plan_from_config", "command", "pipeline_step"]
 
 PLOTS = {"channels kept per layer": "channels_kept.png",
          "importance per group with its threshold": "gamma_thresholds.png"}
@@ -117,6 +117,16 @@ def _choose(config: Config, blocks, state, groups, settings: dict) -> dict:
     return record
 
 
+def plan_from_config(config: Config, blocks, state) -> tuple[list[Group], dict, dict]:
+    """(groups, plan record, mask settings) of the config's `prune` section on a model: what
+    run_prune will cut (the sparse stage's check reads it too)."""
+    pc = config.prune
+    settings = dict(min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
+                    merge=pc.merge, importance=get_importance(pc.importance, config.train.seed))
+    groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
+    return groups, _choose(config, blocks, state, groups, settings), settings
+
+
 def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
               out: str | os.PathLike | None = None, latency_iters: int = 20,
               latency_batches: Sequence[int] = (1, 8), latency_threads: int | None = 1,
@@ -138,12 +148,9 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     val = load_split(desc, "val", strict=config.data.strict)
     model = build_model(art, source=str(src))
     blocks, state, pc, size = model.blocks, model.state_dict(), config.prune, config.model.img_size
-    settings = dict(min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
-                    merge=pc.merge, importance=get_importance(pc.importance, config.train.seed))
 
     t0 = time.perf_counter()
-    groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
-    record = _choose(config, blocks, state, groups, settings)
+    groups, record, settings = plan_from_config(config, blocks, state)
     keep = keep_from_record(blocks, record)
     t1 = time.perf_counter()
     new_blocks, new_state = prune(blocks, state, keep, compensate=pc.compensate)

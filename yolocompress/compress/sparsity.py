@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SparseSchedule", "ConstantRate", "StepRate", "LocalDecayRate", "CosineRate",
            "LinearRate", "TargetRate", "SCHEDULES", "build_schedule", "SparsityHook",
-           "HIST_EDGES", "plot_gamma_histograms"]
+           "HIST_EDGES", "THRESHOLD", "plot_gamma_histograms"]
 
-THRESHOLD = 1e-2                      # |γ| below this counts as "near zero" in the logs
+THRESHOLD = 1e-2                      # |γ| below this counts as "near zero": logs, stage check
 HIST_EDGES = torch.logspace(-5, 2, 71, dtype=torch.float64).tolist()   # 10 bins per decade
 
 

@@ -29,16 +29,18 @@ POLICIES = ("steps", "cosine")
 
 
 class LRSchedule(HookBase):
-    """Darknet learning-rate policy over OPTIMIZER steps k = 1, 2, ... (Darknet's batch number):
-    k < burn_in: lr·(k/burn_in)^power; then `steps`: lr·Π scales_i over the steps with
-    k >= round(steps_i·max_iter); or `cosine`: from lr at k = burn_in to lr·final_ratio at max_iter.
+    """Darknet learning-rate policy over OPTIMIZER steps k = 1, 2, ... (Darknet's batch number) of
+    the stage's own max_iter: with b = burn_in (capped at floor(max_fraction·max_iter) when
+    `max_fraction` is set, so a short stage is not all warm-up), k < b: lr·(k/b)^power; then
+    `steps`: lr·Π scales_i over the steps with k >= round(steps_i·max_iter); or `cosine`: from lr
+    at k = b to lr·final_ratio at max_iter.
     `lr` is each param group's lr when training starts (kept in group["initial_lr"])."""
 
     priority = 10
 
     def __init__(self, burn_in: int = 1000, power: float = 4.0, policy: str = "steps",
                  steps: Sequence[float] = (0.8, 0.9), scales: float | Sequence[float] = 0.1,
-                 final_ratio: float = 0.1) -> None:
+                 final_ratio: float = 0.1, max_fraction: float | None = None) -> None:
         if policy not in POLICIES:
             raise YoloCompressError(f"unknown lr policy '{policy}' (one of {', '.join(POLICIES)})")
         scales = [float(scales)] * len(steps) if isinstance(scales, (int, float)) else list(scales)
@@ -48,21 +50,37 @@ class LRSchedule(HookBase):
             raise YoloCompressError(f"lr schedule needs burn_in >= 0, power > 0, steps in (0, 1) and "
                                     f"final_ratio in [0, 1]; got {burn_in}, {power}, {list(steps)}, "
                                     f"{final_ratio}")
+        if max_fraction is not None and not 0 <= max_fraction < 1:
+            raise YoloCompressError(f"lr schedule: burn-in max_fraction must be in [0, 1) or None, "
+                                    f"got {max_fraction}")
         self.burn_in, self.power, self.policy = burn_in, power, policy
         self.steps, self.scales, self.final_ratio = [float(s) for s in steps], scales, final_ratio
+        self.max_fraction = max_fraction
+
+    def burn_in_steps(self, max_iter: int) -> int:
+        """The warm-up length of a stage of `max_iter` optimizer steps."""
+        if self.max_fraction is None:
+            return self.burn_in
+        return min(self.burn_in, math.floor(self.max_fraction * max_iter))
 
     def factor(self, k: int, max_iter: int) -> float:
         """lr multiplier at 1-based optimizer step k of max_iter."""
-        if k < self.burn_in:
-            return (k / self.burn_in) ** self.power
+        burn_in = self.burn_in_steps(max_iter)
+        if k < burn_in:
+            return (k / burn_in) ** self.power
         if self.policy == "steps":
             f = 1.0
             for s, scale in zip(self.steps, self.scales):
                 if k >= round(s * max_iter):
                     f *= scale
             return f
-        t = min(1.0, max(0.0, (k - self.burn_in) / max(1, max_iter - self.burn_in)))
+        t = min(1.0, max(0.0, (k - burn_in) / max(1, max_iter - burn_in)))
         return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def peak(self, max_iter: int) -> float:
+        """The largest multiplier any of the `max_iter` steps gets (1 unless warm-up or an early
+        lr step keep the stage below its configured lr)."""
+        return max(self.factor(k, max_iter) for k in range(1, max_iter + 1))
 
     def _apply(self) -> None:
         f = self.factor(self.trainer.iter + 1, self.trainer.max_iter)
@@ -135,7 +153,9 @@ def _finite(model: nn.Module) -> bool:
 
 class CheckpointHook(HookBase):
     """`last.pt` after every epoch (artifact + `train_state`), `best.pt` whenever
-    `trainer.storage[metric]` improves (or at the end, if the metric never appeared).
+    `trainer.storage[metric]` improves (or at the end, if the metric never appeared). With
+    `best_from` > 0 only epochs e (1-based) with e >= best_from·epochs compete for best.pt (a
+    stage whose point is the state it reaches, as sparse training, saves a model from its end).
 
     `make_artifact_fn(model, metrics) -> artifact dict` (e.g. via `artifact_from_model`); `model` is
     `trainer.model_for_eval` (the EMA weights when EMA is on), `metrics` a copy of trainer.storage.
@@ -145,9 +165,12 @@ class CheckpointHook(HookBase):
     priority = 80
 
     def __init__(self, out_dir: str | os.PathLike, make_artifact_fn: Callable[[nn.Module, dict], dict],
-                 metric: str = "map50_voc07", mode: str = "max") -> None:
+                 metric: str = "map50_voc07", mode: str = "max", best_from: float = 0.0) -> None:
         if mode not in ("max", "min"):
             raise YoloCompressError(f"CheckpointHook mode must be 'max' or 'min', got '{mode}'")
+        if not 0 <= best_from <= 1:
+            raise YoloCompressError(f"CheckpointHook best_from must be in [0, 1], got {best_from}")
+        self.best_from = best_from
         self.out_dir = Path(out_dir)
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
         self.make_artifact_fn, self.metric, self.mode = make_artifact_fn, metric, mode
@@ -174,7 +197,7 @@ class CheckpointHook(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        value = t.storage.get(self.metric)
+        value = t.storage.get(self.metric) if t.epoch + 1 >= self.best_from * t.epochs else None
         improved = value is not None and math.isfinite(float(value)) and (
             self.best is None or (float(value) > self.best if self.mode == "max"
                                   else float(value) < self.best))

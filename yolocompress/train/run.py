@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from .optim import accumulate_steps, build_optimizer
 
 __all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "run_dir", "stage_dir", "MultiScaleHook",
            "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget",
+           "optimizer_steps_per_epoch", "describe_schedule",
            "train_command", "StageParts", "build_baseline", "train_built"]
 
 
@@ -143,11 +146,36 @@ class MultiScaleHook(HookBase):
         t.batch = (images, targets, *rest)
 
 
-def with_stage_budget(config: Config, section: Any) -> Config:
+def optimizer_steps_per_epoch(n_images: int, batch_size: int, accumulate: int,
+                              world_size: int = 1) -> int:
+    """Optimizer steps in one epoch over `n_images` as `_train`'s loader and the Trainer make them:
+    each rank gets ceil(n / world_size) images, in batches with the last partial one dropped when
+    the set holds more than one batch, and steps every `accumulate` batches (a partial window
+    steps too)."""
+    per_rank = math.ceil(n_images / world_size)
+    batches = per_rank // batch_size if _drop_last(n_images, batch_size) \
+        else math.ceil(per_rank / batch_size)
+    return math.ceil(batches / accumulate)
+
+
+def _drop_last(n_images: int, batch_size: int) -> bool:
+    return n_images > batch_size
+
+
+def with_stage_budget(config: Config, section: Any, n_train: int | None = None) -> Config:
     """`config` with train.epochs / lr / optimizer replaced by a stage section's own (`config.sparse`,
-    `config.distill`) where those are set."""
+    `config.distill`) where those are set. Without `epochs`, a budget in `steps` becomes the fewest
+    whole epochs over the `n_train` training images that give at least that many optimizer steps."""
     changes = {k: getattr(section, k) for k in ("epochs", "lr", "optimizer")
                if getattr(section, k) is not None}
+    if section.epochs is None and section.steps is not None:
+        if n_train is None:
+            raise YoloCompressError("a stage budget in steps needs the training-set size")
+        tc = config.train
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_epoch = optimizer_steps_per_epoch(
+            n_train, tc.batch_size, accumulate_steps(tc.nominal_batch, tc.batch_size, world), world)
+        changes["epochs"] = max(1, math.ceil(section.steps / max(1, per_epoch)))
     if not changes:
         return config
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
@@ -167,11 +195,13 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
               parent: dict | None = None, teacher: dict | None = None,
               hooks: Sequence[HookBase] = (), criterion_wrapper: Callable | None = None,
               extra: dict | None = None, force: bool = False, data: DataSplits | None = None,
-              lr_mult: tuple[Sequence[nn.Parameter], float] | None = None) -> Path:
+              lr_mult: tuple[Sequence[nn.Parameter], float] | None = None,
+              best_from: float = 0.0) -> Path:
     """Train one stage; returns the path of its best.pt. See the module docstring for skip and
     resume. `parent` / `teacher`: load_parent dicts (their sha256 are inputs); without `model`
     the model comes from `initial_model`. `lr_mult` = (parameters of `model`, m): those train at
-    m times the lr (build_optimizer)."""
+    m times the lr (build_optimizer); `best_from`: CheckpointHook's (best.pt from the epochs after
+    that share of the stage)."""
     out_dir = stage_dir(config, stage)
     best = out_dir / "best.pt"
     if model is None and config.weights_path is not None and config.weights_path.suffix == ".pt":
@@ -191,7 +221,8 @@ def run_stage(config: Config, stage: str, *, model: Darknet | None = None,
         if dist.is_main:
             remove_stale_temps(out_dir)
         return _train(config, stage, model, parent, data, dist, out_dir, hooks,
-                      criterion_wrapper, {**(extra or {}), "inputs": inputs}, force, lr_mult)
+                      criterion_wrapper, {**(extra or {}), "inputs": inputs}, force, lr_mult,
+                      best_from)
     finally:
         cleanup()
 
@@ -206,6 +237,7 @@ class StageParts:
     criterion_wrapper: Callable | None = None   # detection criterion -> the stage's criterion
     extra: dict = field(default_factory=dict)   # artifact keys, unpacked at every save
     lr_mult: tuple[Sequence[nn.Parameter], float] | None = None
+    best_from: float = 0.0              # best.pt only from epochs after this share of the stage
 
 
 def build_baseline(config: Config, data: DataSplits) -> tuple[Config, StageParts]:
@@ -220,7 +252,8 @@ def train_built(config: Config, stage: str, force: bool = False, **sources: Any)
     config, parts = resolve(get_stage(stage).build)(config, data, **sources)
     return run_stage(config, stage, model=parts.model, parent=parts.parent, teacher=parts.teacher,
                      hooks=parts.hooks, criterion_wrapper=parts.criterion_wrapper,
-                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult)
+                     extra=parts.extra, force=force, data=data, lr_mult=parts.lr_mult,
+                     best_from=parts.best_from)
 
 
 def train_command(config: Config, args: Any) -> Path:
@@ -229,7 +262,7 @@ def train_command(config: Config, args: Any) -> Path:
 
 
 def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
-           force, lr_mult):
+           force, lr_mult, best_from):
     tc, names = config.train, data.names
     img = config.model.img_size
     letterbox = uses_letterbox(config, model)
@@ -239,7 +272,8 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
                                  cache_images=config.data.cache_images, strict=config.data.strict)
     sampler = SeededRandomSampler(train_set, seed=tc.seed)
     loader = build_loader(train_set, tc.batch_size, shuffle=False, workers=config.data.workers,
-                          seed=tc.seed, sampler=sampler, drop_last=len(train_set) > tc.batch_size)
+                          seed=tc.seed, sampler=sampler,
+                          drop_last=_drop_last(len(train_set), tc.batch_size))
     loss = YoloLoss(model.heads)
     criterion = detection_criterion(loss)
     if criterion_wrapper is not None:
@@ -257,12 +291,13 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
                                    lineage=lineage, **extra)
 
     metric_key = METRIC_KEYS[config.eval.metric]
+    lr_schedule = LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
+                             final_ratio=tc.scales, max_fraction=tc.burn_in_max)
     all_hooks: list[HookBase] = [
-        LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
-                   final_ratio=tc.scales),
+        lr_schedule,
         EvalHook(config_evaluator(config, data.val, names, letterbox), every=tc.eval_interval),
         LoggerHook(out_dir),
-        CheckpointHook(out_dir, make_artifact, metric=metric_key),
+        CheckpointHook(out_dir, make_artifact, metric=metric_key, best_from=best_from),
         *hooks,
     ]
     if tc.multi_scale:
@@ -273,6 +308,9 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
     trainer = Trainer(train_model, criterion, optimizer, loader, epochs=tc.epochs,
                       accumulate=accumulate, device=device, amp=amp, grad_clip=tc.grad_clip,
                       hooks=all_hooks, ema=ema, seed=tc.seed, progress=dist.is_main)
+    if dist.is_main:
+        for line in describe_schedule(stage, trainer, lr_schedule, tc.lr, lr_mult):
+            print(line)
     if not force:
         _maybe_resume(trainer, out_dir / "last.pt", stage, extra["inputs"])
     storage = trainer.train()
@@ -285,6 +323,24 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
                        "inputs": extra["inputs"]}, f, indent=2)
         print(f"{stage}: best {metric_key} = {final.get(metric_key, float('nan')):.4f} -> {best}")
     return best
+
+
+def describe_schedule(stage: str, trainer: Trainer, lr_schedule: LRSchedule, lr: float,
+                      lr_mult: tuple[Sequence[nn.Parameter], float] | None = None) -> list[str]:
+    """The lines a training stage prints at its start: its length in optimizer steps, warm-up and
+    peak lr, and a warning when the lr never reaches the configured value (warm-up longer than
+    the stage, or an lr step before the warm-up ends)."""
+    n = trainer.max_iter
+    peak = lr_schedule.peak(n)
+    mult = f" (x{lr_mult[1]:g} on {len(lr_mult[0])} tensors)" if lr_mult else ""
+    lines = [f"{stage}: {trainer.epochs} epochs x {trainer.steps_per_epoch} optimizer steps = {n} "
+             f"steps, burn-in {lr_schedule.burn_in_steps(n)} steps, peak lr {lr * peak:.3g}{mult}"]
+    if peak < 0.99:
+        lines.append(f"warning: {stage}: the lr never reaches the configured {lr:g}: it peaks at "
+                     f"{lr * peak:.3g} ({peak:.1%}) within the stage's {n} optimizer steps; "
+                     f"shorten train.burn_in, set train.burn_in_max, or train the stage longer "
+                     f"(epochs / steps)")
+    return lines
 
 
 def _maybe_resume(trainer: Trainer, last: Path, stage: str, inputs: dict) -> None:
