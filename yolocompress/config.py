@@ -279,7 +279,9 @@ class PruneConfig(_Section):
     # random (seeded by train.seed)
     importance: Literal["bn_gamma_abs", "bn_gamma_norm", "bn_taylor", "l1_filter", "l2_filter",
                         "random"] = "bn_gamma_abs"
-    compensate: bool = True               # fold pruned channels' constant act(beta) into the next layer
+    # fold pruned channels' constant act(beta) into the next layer; off: after BN recalibration
+    # it costs mAP right after pruning (docs/BENCHMARKS.md, "Right after pruning")
+    compensate: bool = False
     # budget mode: search percents (from `percents` as the base) removing budget_ratio of this
     # metric; null = use `percents` as given
     budget_target: Optional[Literal["params", "flops"]] = None
