@@ -170,6 +170,12 @@ def test_malformed_overrides(exp, override, message):
     ("train:\n  ema: yes please\n", "train.ema: expected true or false, got 'yes please'"),
     ("train: 5\n", "train: expected a mapping of train keys, got 5"),
     ("name: a/b\n", "name: must be letters, digits"),
+    ("prune:\n  recalibrate: -1\n", "prune.recalibrate: must be >= 0, got -1"),
+    ("prune:\n  search_images: 0\n", "prune.search_images: must be >= 1, got 0"),
+    ("prune:\n  score_step: 1\n", "prune.score_step: must be in (0, 1), got 1.0"),
+    ("prune:\n  budget_method: scale\n  allocation: loss\n",
+     "prune.allocation: 'loss' needs budget_method greedy, got 'loss'"),
+    ("prune:\n  importance: taylor\n", "prune.importance: expected one of 'bn_gamma_abs'"),
 ])
 def test_validation_errors_name_file_and_key(tmp_path, yaml_text, message):
     path = write(tmp_path / "bad.yaml", yaml_text)

@@ -7,7 +7,7 @@ import torch
 
 from yolocompress.compress.graph import analyze
 from yolocompress.compress.groups import Group, group_layers
-from yolocompress.compress.importance import (RandomImportance, bn_gamma_abs, get_importance,
+from yolocompress.compress.importance import (BNTaylor, RandomImportance, bn_gamma_abs, get_importance,
                                               l1_filter, tied_scores)
 from yolocompress.compress.prune import (MaskSettings, find_percents_for_budget, group_thresholds,
                                          keep_from_record, make_masks, masked_model_state, plan,
@@ -381,6 +381,31 @@ def test_budget_greedy_from_zero_and_unreachable_targets():
         find_percents_for_budget(blocks, sd, target=("params", 0.3), method="scale")
 
 
+def test_scored_greedy_follows_the_score_and_lands_on_the_budget():
+    """A score that punishes any pruning in G3 (and is blind to the rest): the scored search
+    takes the FLOPs elsewhere, where the importance-per-FLOP greedy does prune G3."""
+    blocks = read_cfg(cfg_path("yolov4-nano"))
+    sd = _state(blocks)
+    groups = group_layers(blocks)
+    g3 = {c: blocks[c + 1].get_int("filters") for c in groups[2].layers}
+    calls = []
+
+    def score(keep):
+        calls.append(1)
+        return float(sum(n - keep[c].size for c, n in g3.items()))
+
+    r = find_percents_for_budget(blocks, sd, groups, [0.0] * 5, ("flops", 0.3), score=score,
+                                 score_step=0.1)
+    assert 0.3 <= r.reduction <= 0.303 and all(r.keep[c].size == n for c, n in g3.items())
+    # the base, then <= G calls a round; a round advances 0.1 or empties a group
+    assert 1 + 5 * 3 <= len(calls) <= 1 + 5 * (3 + 5) - 1
+    plain = find_percents_for_budget(blocks, sd, groups, [0.0] * 5, ("flops", 0.3))
+    assert any(plain.keep[c].size < n for c, n in g3.items())
+    with pytest.raises(YoloCompressError, match="needs method 'greedy'"):
+        find_percents_for_budget(blocks, sd, groups, [0.1] * 5, ("flops", 0.3), method="scale",
+                                 score=score)
+
+
 # ---- importance -----------------------------------------------------------------------------
 
 def test_importances_by_hand():
@@ -401,6 +426,23 @@ def test_importances_by_hand():
         get_importance("taylor")
     with pytest.raises(YoloCompressError, match="no 'layers.2.bn.weight'"):
         bn_gamma_abs(sd, [2])
+
+
+def test_normalised_l2_and_taylor_importances_by_hand():
+    blocks = _cfg(_conv(3) + _conv(2) + _HEAD)
+    sd = _state(blocks)
+    sd["layers.0.bn.weight"] = torch.tensor([-0.5, 0.25, 0.0])
+    sd["layers.1.bn.weight"] = torch.zeros(2)
+    sd["layers.1.conv.weight"] = torch.tensor([[1.0, -2.0, 2.0], [0.0, 0.0, -3.0]]).view(2, 3, 1, 1)
+    norm = get_importance("bn_gamma_norm")(sd, [0, 1])
+    assert norm[0].tolist() == [2.0, 1.0, 0.0] and norm[1].tolist() == [1.0, 1.0]  # mean 0.25; 0
+    assert get_importance("l2_filter")(sd, [1])[1].tolist() == [3.0, 3.0]
+    taylor = get_importance("bn_taylor", gradients={0: [0.1, 0.3, 0.2], 1: np.ones(2)})
+    assert taylor.name == "bn_taylor" and taylor(sd, [0])[0].tolist() == [0.1, 0.3, 0.2]
+    with pytest.raises(YoloCompressError, match=r"no gradients for convs \[1\]"):
+        BNTaylor({0: np.ones(3)})(sd, [0, 1])
+    with pytest.raises(YoloCompressError, match="needs gamma gradients"):
+        get_importance("bn_taylor")
 
 
 def test_importance_plugs_into_masks():

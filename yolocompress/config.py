@@ -289,15 +289,29 @@ class PruneConfig(_Section):
     # groups: one threshold per group (the method's five on yolov4) | global: one threshold for
     # every prunable conv (network slimming); with global, percents has one value
     grouping: Literal["groups", "global"] = "groups"
-    # channel ranking: |BN gamma| (network slimming) | L1 of filters | random (seeded by train.seed)
-    importance: Literal["bn_gamma_abs", "l1_filter", "random"] = "bn_gamma_abs"
-    compensate: bool = True               # fold pruned channels' constant act(beta) into the next layer
+    # channel ranking (compress/importance.py): |BN gamma| (network slimming) | |gamma| / its
+    # layer's mean | |gamma * dL/dgamma| over the search images (BN-Taylor) | L1 | L2 of filters |
+    # random (seeded by train.seed)
+    importance: Literal["bn_gamma_abs", "bn_gamma_norm", "bn_taylor", "l1_filter", "l2_filter",
+                        "random"] = "bn_gamma_abs"
+    # fold pruned channels' constant act(beta) into the next layer; off: after BN recalibration
+    # it costs mAP right after pruning (docs/BENCHMARKS.md, "Right after pruning")
+    compensate: bool = False
     # budget mode: search percents (from `percents` as the base) removing budget_ratio of this
     # metric; null = use `percents` as given
     budget_target: Optional[Literal["params", "flops"]] = None
     budget_ratio: float = 0.5             # budget mode: fraction of params / FLOPs to remove
     # budget mode: greedy (raise the group losing least importance per cost) | scale (t * percents)
     budget_method: Literal["greedy", "scale"] = "greedy"
+    # budget mode, greedy: what a raise costs -- importance lost per cost removed | calibration
+    # loss (pruned, recalibrated on search_images) per cost removed, raising by score_step of
+    # the metric a round
+    allocation: Literal["importance", "loss"] = "importance"
+    score_step: float = 0.05
+    # training images (evenly spaced, no augmentation) the BN running statistics of the pruned
+    # model are re-estimated on before it is scored or saved; 0 = keep the stored statistics
+    recalibrate: int = 400
+    search_images: int = 64               # the first of those: candidates' scores, BN-Taylor
 
     def _validate(self) -> None:
         _require(len(self.percents) >= 1 and all(0 <= p <= 1 for p in self.percents), "percents",
@@ -306,6 +320,11 @@ class PruneConfig(_Section):
         for name in ("min_channels", "round_to"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _require(0 < self.budget_ratio < 1, "budget_ratio", "must be in (0, 1)", self.budget_ratio)
+        _require(0 < self.score_step < 1, "score_step", "must be in (0, 1)", self.score_step)
+        _require(self.recalibrate >= 0, "recalibrate", "must be >= 0", self.recalibrate)
+        _require(self.search_images >= 1, "search_images", "must be >= 1", self.search_images)
+        _require(self.allocation == "importance" or self.budget_method == "greedy", "allocation",
+                 "'loss' needs budget_method greedy", self.allocation)
 
 
 @dataclass(frozen=True)

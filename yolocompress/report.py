@@ -94,7 +94,8 @@ def _change(before: float, after: float) -> str:
 
 def prune_summary_rows(metrics: Mapping) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, change) rows: params, BFLOPs, the headline mAP (after: the
-    saved model; plus a row for the other compensation setting), CPU latency per batch size."""
+    saved model, BN-recalibrated where the run did; plus rows for the other compensation
+    setting and for the saved one not recalibrated), CPU latency per batch size."""
     b, a = metrics["before"], metrics["after"]
     key = metrics["metric_key"]
     rows = [("params", f"{b['params']:,}", f"{a['params']:,}", _change(b["params"], a["params"])),
@@ -108,6 +109,10 @@ def prune_summary_rows(metrics: Mapping) -> list[tuple[str, str, str, str]]:
                      f"{comp[on][key] - b[key]:+.4f}"))
         rows.append((f"{key} (compensation {other})", "", f"{comp[other][key]:.4f}",
                      f"{comp[other][key] - b[key]:+.4f}"))
+        recal = metrics.get("recalibration") or {}
+        if recal.get("images"):
+            rows.append((f"{key} (compensation {on}, BN not recalibrated)", "",
+                         f"{recal['off'][key]:.4f}", f"{recal['off'][key] - b[key]:+.4f}"))
     for lat in metrics.get("latency", []):
         tb, ta = lat["before"]["ms_median"], lat["after"]["ms_median"]
         rows.append((f"CPU latency b{lat['batch']} (ms, median)", f"{tb:.2f}", f"{ta:.2f}",

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..artifacts import (artifact_from_model, build_model, lineage_of, load_artifact, load_parent,
                          save_artifact)
 from ..compress.distill_stage import run_distill, run_finetune
+from ..compress.prune_search import Calibrated
 from ..compress.prune_stage import run_prune
 from ..config import Config
 from ..data.descriptor import load_descriptor, load_split
@@ -48,6 +49,9 @@ def _tp_prune_artifact(config: Config, sparse: Path, budget: float, out: Path) -
     size = config.model.img_size
     pruned, info = tp_prune(build_model(art, source=str(sparse)), budget, size,
                             importance="bn_scale")
+    if config.prune.recalibrate:          # the same BN recalibration as our prune stage
+        train = load_split(desc, "train", strict=config.data.strict)
+        Calibrated.from_config(config, train, pruned.letterbox).recalibrate(pruned)
     prof = profile_summary(pruned.blocks, size, size)
     scores = config_evaluator(config, load_split(desc, "val", strict=config.data.strict),
                               desc.names, pruned.letterbox)(pruned)

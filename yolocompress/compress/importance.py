@@ -1,9 +1,13 @@
 """Channel importance: a callable `(state, layers) -> {conv: per-output-channel scores}`.
 
 `state` is a Darknet state_dict (or the model itself); `layers` a Group or an iterable of conv
-indices. Higher scores mean more important. `bn_gamma_abs` (|BN gamma|, network slimming, the
-default), `l1_filter` (L1 norm of each filter, Li et al. 2017) and `RandomImportance(seed)` (a
-baseline) plug into pruning unchanged; `IMPORTANCES` names them. Scores are per conv: shortcut-tied
+indices. Higher scores mean more important. `bn_gamma_abs` (|BN gamma|, network slimming),
+`bn_gamma_norm` (|gamma| divided by the mean |gamma| of its layer, so layers of different scale
+compare, as Torch-Pruning normalises by group), `l1_filter` / `l2_filter` (L1 / L2 norm of each
+filter, Li et al. 2017), `BNTaylor(sums)` (|gamma * dL/dgamma| summed over calibration batches,
+Molchanov et al. 2019: the data pass is compress.recalibrate.gamma_gradients, so this module
+stays pure) and `RandomImportance(seed)` (a baseline) plug into pruning unchanged;
+`IMPORTANCES` names them. Scores are per conv: shortcut-tied
 convs are scored separately and pruning merges their masks; `tied_scores` combines scores over a
 tied set (their mean) where one ranking of the set's channels is needed.
 """
@@ -18,8 +22,9 @@ from torch import nn
 
 from ..errors import YoloCompressError
 
-__all__ = ["Importance", "BNGammaAbs", "L1Filter", "RandomImportance", "bn_gamma_abs",
-           "l1_filter", "IMPORTANCES", "get_importance", "tied_scores", "state_of"]
+__all__ = ["Importance", "BNGammaAbs", "BNGammaNorm", "L1Filter", "L2Filter", "BNTaylor",
+           "RandomImportance", "bn_gamma_abs", "l1_filter", "IMPORTANCES", "NEEDS_GRADIENTS",
+           "get_importance", "tied_scores", "state_of"]
 
 
 class Importance(Protocol):
@@ -53,17 +58,53 @@ class BNGammaAbs:
         return {c: np.abs(_tensor(sd, f"layers.{c}.bn.weight")) for c in _convs(layers)}
 
 
-class L1Filter:
-    """Sum of |w| over each output filter of the conv (in channels x kernel)."""
-    name = "l1_filter"
+class BNGammaNorm:
+    """|gamma| / mean |gamma| of the conv's layer (1 everywhere for an all-zero layer)."""
+    name = "bn_gamma_norm"
+
+    def __call__(self, state, layers: Iterable[int]) -> dict[int, np.ndarray]:
+        out = {}
+        for c, g in bn_gamma_abs(state, layers).items():
+            mean = g.mean() if g.size else 0.0
+            out[c] = g / mean if mean > 0 else np.ones_like(g)
+        return out
+
+
+class _FilterNorm:
+    """The p-norm of each output filter of the conv (over in channels x kernel)."""
+    p = 1
 
     def __call__(self, state, layers: Iterable[int]) -> dict[int, np.ndarray]:
         sd = state_of(state)
         out = {}
         for c in _convs(layers):
             w = _tensor(sd, f"layers.{c}.conv.weight")
-            out[c] = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)
+            out[c] = np.linalg.norm(w.reshape(w.shape[0], -1), ord=self.p, axis=1)
         return out
+
+
+class L1Filter(_FilterNorm):
+    """Sum of |w| over each output filter of the conv (in channels x kernel)."""
+    name, p = "l1_filter", 1
+
+
+class L2Filter(_FilterNorm):
+    """sqrt(sum of w^2) over each output filter of the conv."""
+    name, p = "l2_filter", 2
+
+
+class BNTaylor:
+    """Precomputed {conv: sum over batches of |gamma * dL/dgamma|}; the state is not read."""
+    name = "bn_taylor"
+
+    def __init__(self, sums: Mapping[int, np.ndarray]):
+        self.sums = {int(c): np.asarray(v, dtype=np.float64) for c, v in sums.items()}
+
+    def __call__(self, state, layers: Iterable[int]) -> dict[int, np.ndarray]:
+        missing = [c for c in _convs(layers) if c not in self.sums]
+        if missing:
+            raise YoloCompressError(f"BN-Taylor: no gradients for convs {missing}")
+        return {c: self.sums[c] for c in _convs(layers)}
 
 
 class RandomImportance:
@@ -82,13 +123,22 @@ class RandomImportance:
 bn_gamma_abs = BNGammaAbs()
 l1_filter = L1Filter()
 
-IMPORTANCES = {"bn_gamma_abs": BNGammaAbs, "l1_filter": L1Filter, "random": RandomImportance}
+IMPORTANCES = {"bn_gamma_abs": BNGammaAbs, "bn_gamma_norm": BNGammaNorm, "l1_filter": L1Filter,
+               "l2_filter": L2Filter, "bn_taylor": BNTaylor, "random": RandomImportance}
+NEEDS_GRADIENTS = frozenset({"bn_taylor"})     # built from gamma_gradients' sums
 
 
-def get_importance(name: str, seed: int = 0) -> Importance:
-    """An importance by name; `seed` is used by "random" only."""
+def get_importance(name: str, seed: int = 0,
+                   gradients: Mapping[int, np.ndarray] | None = None) -> Importance:
+    """An importance by name; `seed` is used by "random" only, `gradients` (gamma_gradients'
+    sums) by "bn_taylor" only, which needs them."""
     if name not in IMPORTANCES:
         raise YoloCompressError(f"unknown importance '{name}' (one of {', '.join(IMPORTANCES)})")
+    if name in NEEDS_GRADIENTS:
+        if gradients is None:
+            raise YoloCompressError(f"importance '{name}' needs gamma gradients of calibration "
+                                    "data")
+        return IMPORTANCES[name](gradients)
     return IMPORTANCES[name](seed) if name == "random" else IMPORTANCES[name]()
 
 

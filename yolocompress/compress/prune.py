@@ -7,7 +7,8 @@
 
 `plan` bundles masks, thresholds, groups and settings into a JSON-able record that `replay`
 re-applies to the unpruned model; `find_percents_for_budget` searches group percents for a
-params/FLOPs reduction.
+params/FLOPs reduction, by importance lost per cost or, given a `score(keep)` callable (the stage
+builds it: prune, BN-recalibrate and take the loss on calibration data), by score lost per cost.
 
 Compensation. Masks assume sparse training has driven the pruned channels' gamma to ~0, so a
 pruned channel c of conv k outputs the constant act_k(beta_c) everywhere. `prune` carries that
@@ -25,7 +26,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -475,6 +476,18 @@ class _Search:
                            lo, hi, 1e-7)
         return lo, hi
 
+    def raise_to(self, pct: dict[str, float], name: str, goal: float, current: float
+                 ) -> dict[str, float] | None:
+        """pct with group `name` raised to the least percent (to 1e-7) whose reduction reaches
+        `goal`; to 1 where none does but 1 still removes more than `current`; else None."""
+        top = {**pct, name: 1.0}
+        red = self.reduction(top)
+        if red < goal:
+            return top if red > current else None
+        _, hi, _ = bisect(lambda x: 1 if self.reduction({**pct, name: x}) >= goal else -1,
+                          pct[name], 1.0, 1e-7)
+        return {**pct, name: hi}
+
     def next_change(self, pct: dict[str, float], name: str, step: float
                     ) -> dict[str, float] | None:
         """pct with group `name` raised by `step` (repeatedly, up to 1) until its masks change."""
@@ -497,7 +510,9 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
                              method: str = "greedy", step: float = 0.05,
                              size: tuple[int, int] | None = None, min_keep: float = 0.1,
                              min_channels: int = 8, round_to: int = 1, merge: str = "majority",
-                             importance: Importance = bn_gamma_abs) -> BudgetResult:
+                             importance: Importance = bn_gamma_abs,
+                             score: Callable[[Keep], float] | None = None,
+                             score_step: float = 0.05) -> BudgetResult:
     """Group percents whose masks remove at least `target` = (metric, fraction) of the model's
     params or FLOPs (at `size`, default the [net] size), with the least pruning found.
 
@@ -506,7 +521,13 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
     target), repeatedly raise by `step` the percent of the group whose raise loses the least
     total score (|gamma|) per unit of cost removed; the raise that reaches the target is bisected
     to land on it. Either overshoots the target by at most one threshold step (one channel, or
-    one channel of a tied set). Costs come from kept counts (models.profile), no modules built."""
+    one channel of a tied set). Costs come from kept counts (models.profile), no modules built.
+
+    With `score` (method "greedy" only; lower is better, e.g. the calibration loss of the
+    recalibrated pruned model), greedy starts from `base_percents` as given and each round
+    raises, per group, the percent just far enough to remove `score_step` more of the metric
+    (the last round: just to the target), scores every such candidate and takes the one whose
+    score rises least per cost removed: about G * target / score_step score calls for G groups."""
     metric, ratio = target
     if metric not in METRICS:
         raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of params, flops)")
@@ -516,6 +537,9 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
         raise YoloCompressError(f"prune: unknown budget method '{method}' (scale or greedy)")
     if not 0 < step <= 1:
         raise YoloCompressError(f"prune: budget step must be in (0, 1], got {step}")
+    if score is not None and (method != "greedy" or not 0 < score_step < 1):
+        raise YoloCompressError(f"prune: a scored budget search needs method 'greedy' and a "
+                                f"score_step in (0, 1), got {method}, {score_step}")
     settings = MaskSettings(min_keep, min_channels, round_to, merge)
     groups = group_layers(blocks) if groups is None else list(groups)
     base = _percents(groups, [0.0] * len(groups) if base_percents is None else base_percents)
@@ -543,6 +567,8 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
         if method == "scale":
             return s.result(scaled(hi))
         base = scaled(lo)                     # greedy goes on from just below the target
+    if score is not None:
+        return _scored_greedy(s, names, base, score, score_step)
     pct, current = dict(base), s.reduction(base)
     while current < ratio:
         best = None                           # (score lost per cost removed, group, percents)
@@ -561,4 +587,25 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
             pct = {**prev, n: s.bisect(lambda v: {**prev, n: v}, prev[n], cand[n])[1]}
         else:
             pct = cand
+    return s.result(pct)
+
+
+def _scored_greedy(s: _Search, names: Sequence[str], base: dict[str, float],
+                   score: Callable[[Keep], float], score_step: float) -> BudgetResult:
+    pct, current = dict(base), s.reduction(base)
+    value = score(s.keep(pct))
+    while current < s.ratio:
+        goal = min(s.ratio, current + score_step)
+        best = None                           # (score rise per cost removed, pct, red, value)
+        for n in names:
+            cand = s.raise_to(pct, n, goal, current)
+            if cand is None:
+                continue
+            red, v = s.reduction(cand), score(s.keep(cand))
+            rate = (v - value) / (red - current)
+            if best is None or rate < best[0]:
+                best = (rate, cand, red, v)
+        if best is None:                      # not expected: `most` >= ratio was checked
+            raise YoloCompressError(f"prune: no group can be pruned further toward {s.ratio:.1%}")
+        _, pct, current, value = best
     return s.result(pct)

@@ -1,8 +1,10 @@
 """`yolocompress prune`: stage 2 as a command -- a sparse artifact in, a pruned artifact out.
 
 run_prune: the artifact's model -> group_layers -> percents (the config's `prune` section, or
-find_percents_for_budget) -> plan -> prune (timed on their own) -> the slim Darknet (strict load);
-then mAP on the val split before and after (compensation on and off), CPU latency before/after,
+find_percents_for_budget, scored on calibration data with `allocation: loss`) -> plan -> prune
+(timed on their own) -> the slim Darknet (strict load) -> its BN statistics recalibrated on
+`prune.recalibrate` training images (compress.prune_search); then mAP on the val split before
+and after (compensation on and off, both recalibrated; and not recalibrated), CPU latency,
 and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thresholds.png.
 The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
 (kept channels per layer name, groups, percents, thresholds, settings incl. compensate, budget),
@@ -10,14 +12,16 @@ which `prune.replay` re-applies to the source model. Skipping follows inputs.py'
 source's sha256 and the model/data/train/eval/prune sections), like every stage.
 
 metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings,
-seconds {masks, prune}, budget (None or {metric, target, reduction, method, evaluations}),
-before/after {params, flops, <eval metrics>}, compensation {on, off: <eval metrics>}, latency
+seconds {masks, prune, recalibrate}, budget (None or {metric, target, reduction, method, evaluations}),
+before/after {params, flops, <eval metrics>}, compensation {on, off: <eval metrics>},
+recalibration {images, off: <eval metrics of the saved setting, not recalibrated>}, latency
 [{batch, before, after: eval.speed stats}], groups [{name, title, layers, percent, threshold,
 channels_*, params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups'
 convs and every other conv whose params or FLOPs changed)}.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -44,14 +48,16 @@ from ..stages import get_stage
 from ..train.distributed import init_distributed
 from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import GROUPINGS, Group, group_layers
-from .importance import get_importance
-from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, prune
+from .importance import NEEDS_GRADIENTS, get_importance
+from .prune import find_percents_for_budget, group_scores, keep_from_record, plan
+from .prune_search import ALLOCATIONS, Calibrated, build_pruned
 
 __all__ = ["run_prune", "plan_from_config", "command", "pipeline_step"]
 
 PLOTS = {"channels kept per layer": "channels_kept.png",
          "importance per group with its threshold": "gamma_thresholds.png"}
-_LABELS = {"bn_gamma_abs": "|γ|", "l1_filter": "filter L1", "random": "random score"}
+_LABELS = {"bn_gamma_abs": "|γ|", "bn_gamma_norm": "|γ| / layer mean", "bn_taylor": "|γ·dL/dγ|",
+           "l1_filter": "filter L1", "l2_filter": "filter L2", "random": "random score"}
 
 
 def _source(path: Path, names: Sequence[str]) -> dict:
@@ -100,31 +106,43 @@ def _costs(blocks, new_blocks, groups, size) -> tuple[dict, dict, list[dict], li
     return totals[0], totals[1], per_group, layers
 
 
-def _choose(config: Config, blocks, state, groups, settings: dict) -> dict:
+def _choose(config: Config, blocks, state, groups, settings: dict, cal: Calibrated | None
+            ) -> dict:
     """The plan record: the config's percents, or the budget search's (recorded in "budget")."""
     pc, size = config.prune, config.model.img_size
     percents, budget = _percents(config, groups), None
     if pc.budget_target is not None:
-        res = find_percents_for_budget(blocks, state, groups, percents,
-                                       (pc.budget_target, pc.budget_ratio),
-                                       method=pc.budget_method, size=(size, size), **settings)
+        t0 = time.perf_counter()
+        scored = ALLOCATIONS[pc.allocation] and cal is not None
+        res = find_percents_for_budget(
+            blocks, state, groups, percents, (pc.budget_target, pc.budget_ratio),
+            method=pc.budget_method, size=(size, size), **settings,
+            score=cal.score(blocks, state, pc.compensate) if scored else None,
+            score_step=pc.score_step)
         percents = res.percents
         budget = {"metric": res.metric, "target": res.target, "reduction": res.reduction,
-                  "method": pc.budget_method, "evaluations": res.evaluations}
+                  "method": pc.budget_method, "allocation": pc.allocation,
+                  "evaluations": res.evaluations, "seconds": time.perf_counter() - t0}
     record = plan(blocks, state, groups, percents, **settings)
-    record["settings"].update(compensate=pc.compensate, grouping=pc.grouping)
+    record["settings"].update(compensate=pc.compensate, grouping=pc.grouping,
+                              recalibrate=pc.recalibrate)
     record["budget"] = budget
     return record
 
 
-def plan_from_config(config: Config, blocks, state) -> tuple[list[Group], dict, dict]:
+def plan_from_config(config: Config, blocks, state, cal: Calibrated | None = None,
+                     model: Darknet | None = None) -> tuple[list[Group], dict, dict]:
     """(groups, plan record, mask settings) of the config's `prune` section on a model: what
-    run_prune will cut (the sparse stage's check reads it too)."""
+    run_prune will cut (the sparse stage's check reads it too). With a calibration subset `cal`
+    (and the `model` of blocks/state), gradient importances and a loss-scored budget search use
+    it; without, the plan is the importance-only one."""
     pc = config.prune
+    importance = (cal.importance(model, pc.importance, config.train.seed) if cal is not None
+                  else get_importance(pc.importance, config.train.seed))
     settings = dict(min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
-                    merge=pc.merge, importance=get_importance(pc.importance, config.train.seed))
+                    merge=pc.merge, importance=importance)
     groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
-    return groups, _choose(config, blocks, state, groups, settings), settings
+    return groups, _choose(config, blocks, state, groups, settings, cal), settings
 
 
 def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
@@ -148,20 +166,29 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     val = load_split(desc, "val", strict=config.data.strict)
     model = build_model(art, source=str(src))
     blocks, state, pc, size = model.blocks, model.state_dict(), config.prune, config.model.img_size
+    cal = None
+    if pc.recalibrate or (pc.budget_target and ALLOCATIONS[pc.allocation]) \
+            or pc.importance in NEEDS_GRADIENTS:
+        cal = Calibrated.from_config(config, load_split(desc, "train", strict=config.data.strict),
+                                     uses_letterbox(config, model))
 
     t0 = time.perf_counter()
-    groups, record, settings = plan_from_config(config, blocks, state)
+    groups, record, settings = plan_from_config(config, blocks, state, cal, model)
     keep = keep_from_record(blocks, record)
     t1 = time.perf_counter()
-    new_blocks, new_state = prune(blocks, state, keep, compensate=pc.compensate)
-    pruned = Darknet(new_blocks)
-    pruned.load_state_dict(new_state, strict=True)
+    pruned = build_pruned(blocks, state, keep, pc.compensate)
+    new_blocks = pruned.blocks
     t2 = time.perf_counter()
     slimmed = sum(len(k) < blocks[c + 1].get_int("filters") for c, k in keep.items())
     print(f"pruned {slimmed} of {len(keep)} prunable convs in {t2 - t0:.2f} s (masks "
           f"{t1 - t0:.2f} s, rebuild {t2 - t1:.2f} s)")
-    other = Darknet(new_blocks)       # the other compensation setting, for the report only
-    other.load_state_dict(prune(blocks, state, keep, compensate=not pc.compensate)[1])
+    # for the report only: the saved setting before recalibration, and the other compensation
+    stale = copy.deepcopy(pruned)
+    other = build_pruned(blocks, state, keep, not pc.compensate)
+    if cal is not None and cal.full is not None:
+        cal.recalibrate(pruned)
+        cal.recalibrate(other)
+    t3 = time.perf_counter()
 
     latency = [{"batch": b, **{when: measure_latency(m, size, b, warmup=max(1, latency_iters // 5),
                                                      iters=latency_iters, threads=latency_threads,
@@ -178,6 +205,8 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
 
     on, off = ("on", "off") if pc.compensate else ("off", "on")
     compensation = {on: evaluate(pruned), off: evaluate(other)}
+    recalibration = {"images": cal.full.images if cal and cal.full else 0,
+                     "off": evaluate(stale) if cal and cal.full else compensation[on]}
     cost_before, cost_after, group_rows, layer_rows = _costs(blocks, new_blocks, groups, size)
     for row in group_rows:
         row.update(percent=record["percents"][row["name"]],
@@ -185,13 +214,16 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     metrics = {
         "stage": "pruned", "inputs": inputs, "artifact": str(out), "source": str(src),
         "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[config.eval.metric],
-        "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1},
+        "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1,
+                                                     "recalibrate": t3 - t2},
         "budget": record["budget"], "before": {**cost_before, **evaluate(model)},
         "after": {**cost_after, **compensation[on]}, "compensation": compensation,
+        "recalibration": recalibration,
         "latency": latency, "groups": group_rows, "layers": layer_rows,
     }
 
-    flat = {**metrics["after"], f"map_compensation_{off}": compensation[off]["map"]}
+    flat = {**metrics["after"], f"map_compensation_{off}": compensation[off]["map"],
+            "map_not_recalibrated": recalibration["off"]["map"]}
     save_artifact(artifact_from_model(pruned, "pruned", names, input_size=[size, size],
                                       config=config.to_dict(), metrics=flat,
                                       parent=art["sha256"], lineage=lineage_of(art),
