@@ -160,6 +160,6 @@ def test_pipeline_stops_before_pruning_when_stage1_achieved_nothing(mini, capsys
                         r"penalised BN gammas below 0\.01, but pruning removes \d+\.\d% of those "
                         r"channels \(needs >= \d+\.\d%, sparse\.check=0\.5\): train stage 1 longer "
                         r"\(sparse\.steps\), raise sparse\.s or use sparse\.schedule=target "
-                        r"sparse\.target_fraction=0\.\d\d; --force prunes anyway\n", err)
+                        r"sparse\.target_fraction=0\.\d\d; sparse\.check=0 prunes anyway\n", err)
     assert stage_complete(load_config(mini / "exp.yaml", ["name=stop"]), "sparse")
     assert not (mini / "runs" / "stop" / "pruned").exists()

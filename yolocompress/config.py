@@ -255,7 +255,7 @@ class SparseConfig(_Section):
     ema: bool = False
     # `yolocompress pipeline` stops before pruning when the share of penalised |gamma| below 1e-2
     # at the end is under this times the share of penalised channels the prune stage will remove
-    # (--force prunes anyway); 0 = no check
+    # (sparse.check=0 prunes anyway; it is not a stage input, so nothing reruns); 0 = no check
     check: float = 0.5
 
     def _validate(self) -> None:

@@ -8,7 +8,8 @@ record {schedule, s, schedule parameters, layers (names), stats (of the epoch it
 `check_sparsity` compares what the stage achieved (the share of penalised |γ| below 1e-2 in the
 artifact the prune stage will read) with what that stage will remove (the share of penalised
 channels its plan cuts, budget mode included): below `sparse.check` times that, the pipeline
-stops before pruning with one line naming the fixes (`--force` prunes anyway, with a warning).
+stops before pruning with one line naming the fixes (`sparse.check=0` prunes anyway; `--force`
+also does, but redoes every stage).
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def check_sparsity(config: Config, path: str | os.PathLike, force: bool = False,
                    f"(sparse.steps), raise sparse.s or use sparse.schedule=target "
                    f"sparse.target_fraction={min(0.95, max(0.05, needed)):.2f}")
         if stop and not force:
-            raise YoloCompressError(problem + "; --force prunes anyway")
+            raise YoloCompressError(problem + "; sparse.check=0 prunes anyway")
         print(f"warning: {problem}")
     return achieved, needed
 
