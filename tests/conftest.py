@@ -50,14 +50,16 @@ MINI_TRAIN = {"epochs": 2, "batch_size": 4, "nominal_batch": 8, "lr": 0.001, "bu
 CHAIN_TRAIN = {**MINI_TRAIN, "epochs": 1, "nominal_batch": 4, "device": "cpu"}
 
 
-def make_mini(base: Path, train: dict | None = None) -> Path:
-    """Write a 12/6-image demo set at 64 px (`base/demo`), its descriptor (`base/demo.yaml`) and an
-    experiment on yolov4-nano (`base/exp.yaml`, runs under `base/runs`); returns `base`."""
+def make_mini(base: Path, train: dict | None = None, n_train: int = 12,
+              sections: dict | None = None) -> Path:
+    """Write an n_train/6-image demo set at 64 px (`base/demo`), its descriptor (`base/demo.yaml`)
+    and an experiment on yolov4-nano (`base/exp.yaml`, runs under `base/runs`; `sections` replace
+    or add config sections); returns `base`."""
     import yaml
 
     from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
 
-    generate_demo(base / "demo", seed=3, n_train=12, n_val=6, img_size=64)
+    generate_demo(base / "demo", seed=3, n_train=n_train, n_val=6, img_size=64)
     (base / "demo.yaml").write_text(yaml.safe_dump({
         "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
         "names": list(DEMO_CLASSES)}))
@@ -69,5 +71,6 @@ def make_mini(base: Path, train: dict | None = None) -> Path:
         # the chains here train stage 1 for an epoch or two: nothing to check against pruning
         # (tests/test_small_data.py tests the check)
         "sparse": {"check": 0.0},
+        **(sections or {}),
     }))
     return base

@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
-from conftest import ROOT
+from conftest import ROOT, make_mini
 from yolocompress.cli import main
 from yolocompress.compress.sparse_stage import check_sparsity, sparsity_needs
 from yolocompress.config import load_config
@@ -113,24 +112,16 @@ def test_demo_recipe_keeps_its_schedule_on_the_demo_and_scales_on_small_sets():
 # --- the sparse stage on a 40-image set -----------------------------------------------------
 
 def _set40(base):
-    from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
-    generate_demo(base / "demo", seed=3, n_train=40, n_val=6, img_size=64)
-    (base / "demo.yaml").write_text(yaml.safe_dump({
-        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
-        "names": list(DEMO_CLASSES)}))
-    (base / "exp.yaml").write_text(yaml.safe_dump({
-        "model": {"cfg": str(ROOT / "cfg/models/yolov4-nano.cfg"), "img_size": 64},
-        "data": {"descriptor": "demo.yaml", "workers": 0},
-        "train": {"epochs": 40, "batch_size": 16, "nominal_batch": 16, "optimizer": "sgd",
-                  "momentum": 0.0, "lr": 0.01, "schedule": "cosine", "scales": 0.01, "burn_in": 50, "eval_interval": 0,
-                  "multi_scale": False, "device": "cpu", "out_dir": str(base / "runs")},
-        "eval": {"batch_size": 6},
+    train = {"epochs": 40, "batch_size": 16, "nominal_batch": 16, "optimizer": "sgd",
+             "momentum": 0.0, "lr": 0.01, "schedule": "cosine", "scales": 0.01, "burn_in": 50,
+             "eval_interval": 0, "multi_scale": False, "device": "cpu"}
+    make_mini(base, train=train, n_train=40, sections={
         # plain SGD, s above the detection gradient: each gamma moves by about lr x 10 x s per step
         # (0.2 at the peak), so where it gets is set by the lrs the schedule gives (the sum of the
         # lr factors of 20 steps with a 5-step warm-up is 8.7: 1.7 in all, from gammas of 1)
         "sparse": {"s": 2.0, "gamma_lr_mult": 10, "schedule": "constant"},
         "prune": {"percents": [0.3]},
-    }))
+    })
     return base / "exp.yaml"
 
 

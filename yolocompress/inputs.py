@@ -119,9 +119,12 @@ def artifact_complete(path: Path) -> bool:
     return path.is_file() and (path.parent / "metrics.json").is_file()
 
 
-def _changes_text(changes: list[str]) -> str:
-    more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
-    return "; ".join(changes[:3]) + more
+def _refuse_changes(recorded: dict, current: dict, known: bool, what: str, advice: str) -> None:
+    """One error line `<what> other inputs (<first three changes>); <advice>` if any differ."""
+    changes = describe_changes(recorded, current, known)
+    if changes:
+        more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise YoloCompressError(f"{what} other inputs ({'; '.join(changes[:3]) + more}); {advice}")
 
 
 def reuse_complete(stage: str, best: Path, current: dict, force: bool = False) -> bool:
@@ -130,11 +133,8 @@ def reuse_complete(stage: str, best: Path, current: dict, force: bool = False) -
     if force or not artifact_complete(best):
         return False
     recorded, known = recorded_inputs(best, stage)
-    changes = describe_changes(recorded, current, known)
-    if changes:
-        raise YoloCompressError(f"{best}: the complete {stage} stage was made from other inputs "
-                                f"({_changes_text(changes)}); --force redoes it (replacing it), or "
-                                f"set another experiment name")
+    _refuse_changes(recorded, current, known, f"{best}: the complete {stage} stage was made from",
+                    "--force redoes it (replacing it), or set another experiment name")
     if not known:
         print(f"{stage}: {best} records no inputs (written by an older version); its parent and "
               f"config match the current ones")
@@ -145,8 +145,5 @@ def reuse_complete(stage: str, best: Path, current: dict, force: bool = False) -
 def check_resume(last: Path, art: dict, stage: str, current: dict) -> None:
     """An error unless the interrupted run in `last` (its artifact `art`) has `current` inputs."""
     recorded, known = artifact_inputs(art, stage)
-    changes = describe_changes(recorded, current, known)
-    if changes:
-        raise YoloCompressError(f"{last}: an interrupted run from other inputs "
-                                f"({_changes_text(changes)}); move it away or use --force to "
-                                f"start over")
+    _refuse_changes(recorded, current, known, f"{last}: an interrupted run from",
+                    "move it away or use --force to start over")
