@@ -1,21 +1,18 @@
 """Right after pruning: mAP of a sparse model pruned to FLOPs budgets, no training, as is and
-BN-recalibrated, per importance criterion and allocation, against Torch-Pruning.
+BN-recalibrated, per prune setting, against Torch-Pruning.
 
-    python bench/bench_prune_right_after.py --sparse runs/demo/sparse/best.pt \
-        --budgets 0.5 0.65 --arms ours:bn_gamma_abs:importance ours:bn_gamma_norm:loss tp \
-        --json docs/bench/prune_right_after.json
+    python bench/bench_prune_right_after.py --sparse runs/demo/sparse/best.pt --budgets 0.5 0.65 \
+        --arms ours ours:importance=bn_gamma_norm,merge=mean tp --json docs/bench/prune_right_after.json
 
-An arm is `ours:<importance>:<allocation>[:nocomp][:global]` (allocation `importance` = greedy by
-importance lost per FLOP, `loss` = greedy by calibration loss per FLOP, both from zero percents;
-`nocomp` = no compensation, `global` = one group over every prunable conv) or `tp` (Torch-Pruning, BN-scale, global). Every pruned model is
-scored on the val split as is and after recalibrate_bn over the experiment's
-`prune.recalibrate` training images; rows are appended to --json (an existing row with the same
-arm and budget is replaced), with the seconds each search took.
+An arm is `ours[:key=value,...]` (the experiment's prune section with those prune.* keys
+replaced; the budget search starts from zero percents) or `tp` (Torch-Pruning, BN-scale, global).
+Every pruned model is scored on the val split as is and after recalibrate_bn over the
+experiment's `prune.recalibrate` training images; rows are appended to --json (an existing row
+with the same arm and budget is replaced), with the seconds each search took.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -33,6 +30,14 @@ from yolocompress.train.run import config_evaluator, load_data, uses_letterbox
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def arm_config(path: str, overrides: list[str], arm: str):
+    """The experiment with the arm's prune.* keys replaced (`ours:key=value,...`)."""
+    name, _, keys = arm.partition(":")
+    if name != "ours":
+        raise SystemExit(f"error: unknown arm {arm!r} (ours[:key=value,...] or tp)")
+    return load_config(path, [*overrides, *(f"prune.{kv}" for kv in keys.split(",") if kv)])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "cfg/experiments/demo.yaml"))
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
     size = config.model.img_size
     letterbox = uses_letterbox(config, model)
     score = config_evaluator(config, data.val, data.names, letterbox)
-    cal = Calibrated.from_config(config, data.train, letterbox)
+    cal = Calibrated.from_config(config, data.train, letterbox, data.names)
     base = profile_summary(model.blocks, size, size)
     out = Path(args.json)
     doc = json.loads(out.read_text()) if out.exists() else {"rows": []}
@@ -63,13 +68,7 @@ def main(argv=None) -> int:
             if arm == "tp":
                 pruned, _ = tp_prune(model, budget, size, importance="bn_scale")
             else:
-                _, importance, allocation, *rest = arm.split(":")
-                cfg = config
-                if "global" in rest:
-                    cfg = dataclasses.replace(config, prune=dataclasses.replace(
-                        config.prune, grouping="global"))
-                pruned = cal.prune_to_budget(model, cfg, importance, allocation, budget,
-                                             compensate="nocomp" not in rest)
+                pruned = cal.prune_to_budget(model, arm_config(args.config, args.overrides, arm), budget)
             seconds = time.perf_counter() - t0
             prof = profile_summary(pruned.blocks, size, size)
             as_is = score(pruned)["map50_voc07"]

@@ -174,7 +174,10 @@ def test_malformed_overrides(exp, override, message):
     ("prune:\n  search_images: 0\n", "prune.search_images: must be >= 1, got 0"),
     ("prune:\n  score_step: 1\n", "prune.score_step: must be in (0, 1), got 1.0"),
     ("prune:\n  budget_method: scale\n  allocation: loss\n",
-     "prune.allocation: 'loss' needs budget_method greedy, got 'loss'"),
+     "prune.allocation: 'loss' needs budget_method greedy or evolve, got 'loss'"),
+    ("prune:\n  budget_method: evolve\n",
+     "prune.budget_method: 'evolve' needs allocation loss or map, got 'evolve'"),
+    ("prune:\n  search_rounds: 0\n", "prune.search_rounds: must be >= 1, got 0"),
     ("prune:\n  importance: taylor\n", "prune.importance: expected one of 'bn_gamma_abs'"),
 ])
 def test_validation_errors_name_file_and_key(tmp_path, yaml_text, message):

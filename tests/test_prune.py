@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from yolocompress.compress.budget_evolve import percents_at
 from yolocompress.compress.graph import analyze
 from yolocompress.compress.groups import Group, group_layers
 from yolocompress.compress.importance import (BNTaylor, RandomImportance, bn_gamma_abs, get_importance,
@@ -111,7 +112,7 @@ _CHAIN3 = (_conv(8, 3) + _conv(4) + _conv(4, 3) + "[shortcut]\nfrom=-2\nactivati
            + _conv(4, 3) + "[shortcut]\nfrom=-2\nactivation=linear\n" + _conv(8) + _HEAD)
 
 
-def test_majority_and_union_merge_a_tied_set():
+def test_majority_union_and_mean_merge_a_tied_set():
     blocks = _cfg(_CHAIN3)
     graph = analyze(blocks)
     assert graph.tied_sets == (frozenset({1, 2, 4}),)
@@ -124,6 +125,9 @@ def test_majority_and_union_merge_a_tied_set():
     union = make_masks(blocks, sd, group, [0.5], merge="union", **kw)
     assert all(major[c].tolist() == [0, 1] for c in (1, 2, 4))
     assert all(union[c].tolist() == [0, 1, 2] for c in (1, 2, 4))
+    # "mean": the set's mean per channel (0.9, 0.6, 0.4, 0.1) against the threshold 0.7
+    mean = make_masks(blocks, sd, group, [0.5], merge="mean", **kw)
+    assert all(mean[c].tolist() == [0] for c in (1, 2, 4))
     # the floor fills a tied set by its mean score: channel 2 (0.4) before channel 3 (0.1)
     floor = make_masks(blocks, sd, group, [1.0], min_keep=0.01, min_channels=3)
     assert all(floor[c].tolist() == [0, 1, 2] for c in (1, 2, 4))
@@ -401,9 +405,50 @@ def test_scored_greedy_follows_the_score_and_lands_on_the_budget():
     assert 1 + 5 * 3 <= len(calls) <= 1 + 5 * (3 + 5) - 1
     plain = find_percents_for_budget(blocks, sd, groups, [0.0] * 5, ("flops", 0.3))
     assert any(plain.keep[c].size < n for c, n in g3.items())
-    with pytest.raises(YoloCompressError, match="needs method 'greedy'"):
+    with pytest.raises(YoloCompressError, match="needs method greedy or evolve"):
         find_percents_for_budget(blocks, sd, groups, [0.1] * 5, ("flops", 0.3), method="scale",
                                  score=score)
+
+
+def test_evolve_starts_from_one_common_threshold_and_follows_the_score():
+    """A score that punishes pruning G3: the evolution moves FLOPs out of G3 and every
+    candidate lands on the budget; the start is the common threshold of every group."""
+    blocks = read_cfg(cfg_path("yolov4-nano"))
+    sd = _state(blocks)
+    groups = group_layers(blocks)
+    g3 = {c: blocks[c + 1].get_int("filters") for c in groups[2].layers}
+    seen = []
+
+    def score(keep):
+        seen.append(1 - pruned_cost(blocks, keep, "flops") / pruned_cost(blocks, {}, "flops"))
+        return float(sum(n - keep[c].size for c, n in g3.items()))
+
+    kw = dict(score=score, method="evolve", evolve_options=dict(rounds=12, population=4))
+    r = find_percents_for_budget(blocks, sd, groups, None, ("flops", 0.3), **kw)
+    assert len(r.history) == len(seen) == 12 and 0.3 <= r.reduction <= 0.303
+    assert all(0.3 <= red <= 0.303 for red in seen)
+    assert r.history[0]["generation"] == 0 and r.history[-1]["generation"] == 3
+    assert score(r.keep) == min(h["score"] for h in r.history) < r.history[0]["score"]
+    # the start: one threshold for all groups, so no group drops a score another group keeps
+    scores = {g.name: np.sort(np.concatenate(list(bn_gamma_abs(sd, g).values()))) for g in groups}
+    ks = {n: int(round(p * scores[n].size)) for n, p in r.history[0]["percents"].items()}
+    assert max(scores[n][k - 1] for n, k in ks.items() if k > 0) \
+        < min(scores[n][k] for n, k in ks.items() if k < scores[n].size)
+    again = find_percents_for_budget(blocks, sd, groups, None, ("flops", 0.3), **kw)
+    assert again.percents == r.percents                  # seeded
+    with pytest.raises(YoloCompressError, match="'evolve' needs a score"):
+        find_percents_for_budget(blocks, sd, groups, None, ("flops", 0.3), method="evolve")
+    with pytest.raises(YoloCompressError, match="evolve needs rounds >= 1"):
+        find_percents_for_budget(blocks, sd, groups, None, ("flops", 0.3), score=score,
+                                 method="evolve", evolve_options=dict(rounds=0))
+
+
+def test_percents_at_counts_scores_strictly_below_each_threshold():
+    scores = {"A": np.array([0.1, 0.2, 0.2, 0.5]), "B": np.array([1.0, 2.0])}
+    assert percents_at(scores, {"A": 0.2, "B": 5.0}) == {"A": 0.25, "B": 1.0}
+    assert percents_at(scores, {"A": 0.0, "B": 1.5}) == {"A": 0.0, "B": 0.5}
+    # the group threshold of such a percent passes exactly the scores >= the threshold
+    assert group_thresholds({"A": scores["A"]}, {"A": 0.25})["A"] == 0.2
 
 
 # ---- importance -----------------------------------------------------------------------------

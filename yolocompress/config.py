@@ -285,7 +285,8 @@ class PruneConfig(_Section):
     min_keep: float = 0.1                 # every pruned layer keeps at least this share of channels ...
     min_channels: int = 8                 # ... and at least this many (at most all it has)
     round_to: int = 1                     # round kept channels up to a multiple of this (8 suits SIMD)
-    merge: Literal["majority", "union"] = "majority"  # shortcut-tied masks: kept by >= half | any
+    # shortcut-tied masks: kept by >= half of the set | by any | where the set's mean score passes
+    merge: Literal["majority", "union", "mean"] = "majority"
     # groups: one threshold per group (the method's five on yolov4) | global: one threshold for
     # every prunable conv (network slimming); with global, percents has one value
     grouping: Literal["groups", "global"] = "groups"
@@ -302,12 +303,15 @@ class PruneConfig(_Section):
     budget_target: Optional[Literal["params", "flops"]] = None
     budget_ratio: float = 0.5             # budget mode: fraction of params / FLOPs to remove
     # budget mode: greedy (raise the group losing least importance per cost) | scale (t * percents)
-    budget_method: Literal["greedy", "scale"] = "greedy"
-    # budget mode, greedy: what a raise costs -- importance lost per cost removed | calibration
-    # loss (pruned, recalibrated on search_images) per cost removed, raising by score_step of
-    # the metric a round
-    allocation: Literal["importance", "loss"] = "importance"
+    # | evolve (per-group thresholds from one common threshold, an evolution strategy scored by
+    # `allocation` over search_rounds candidates; compress/budget_evolve.py)
+    budget_method: Literal["greedy", "scale", "evolve"] = "greedy"
+    # what scores a candidate: importance lost (greedy, scale) | calibration loss | minus mAP
+    # (eval.metric) of the pruned model recalibrated on search_images (greedy: per cost removed,
+    # raising by score_step of the metric a round; evolve: as is)
+    allocation: Literal["importance", "loss", "map"] = "importance"
     score_step: float = 0.05
+    search_rounds: int = 48               # budget_method evolve: candidates scored
     # training images (evenly spaced, no augmentation) the BN running statistics of the pruned
     # model are re-estimated on before it is scored or saved; 0 = keep the stored statistics
     recalibrate: int = 400
@@ -323,8 +327,11 @@ class PruneConfig(_Section):
         _require(0 < self.score_step < 1, "score_step", "must be in (0, 1)", self.score_step)
         _require(self.recalibrate >= 0, "recalibrate", "must be >= 0", self.recalibrate)
         _require(self.search_images >= 1, "search_images", "must be >= 1", self.search_images)
-        _require(self.allocation == "importance" or self.budget_method == "greedy", "allocation",
-                 "'loss' needs budget_method greedy", self.allocation)
+        _require(self.search_rounds >= 1, "search_rounds", "must be >= 1", self.search_rounds)
+        _require(self.allocation == "importance" or self.budget_method != "scale", "allocation",
+                 f"'{self.allocation}' needs budget_method greedy or evolve", self.allocation)
+        _require(self.allocation != "importance" or self.budget_method != "evolve",
+                 "budget_method", "'evolve' needs allocation loss or map", self.budget_method)
 
 
 @dataclass(frozen=True)

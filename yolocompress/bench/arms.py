@@ -51,7 +51,7 @@ def _tp_prune_artifact(config: Config, sparse: Path, budget: float, out: Path) -
                             importance="bn_scale")
     if config.prune.recalibrate:          # the same BN recalibration as our prune stage
         train = load_split(desc, "train", strict=config.data.strict)
-        Calibrated.from_config(config, train, pruned.letterbox).recalibrate(pruned)
+        Calibrated.from_config(config, train, pruned.letterbox, desc.names).recalibrate(pruned)
     prof = profile_summary(pruned.blocks, size, size)
     scores = config_evaluator(config, load_split(desc, "val", strict=config.data.strict),
                               desc.names, pruned.letterbox)(pruned)

@@ -40,21 +40,25 @@ from ..models.kinds import kind_of
 from ..models.profile import profile_blocks
 from ..models.roles import describe_layers
 from .bisection import bisect
+from .budget_evolve import evolve
 from .graph import INPUT, ChannelGraph, KeptChannels, analyze, propagate_keep
 from .groups import Group, group_layers
 from .importance import Importance, bn_gamma_abs, state_of, tied_scores
 
-__all__ = ["MERGES", "MaskSettings", "group_scores", "group_thresholds", "make_masks",
+__all__ = ["BUDGET_METHODS", "MERGES", "MaskSettings", "group_scores", "group_thresholds", "make_masks",
            "masked_model_state", "prune", "plan", "prune_record", "keep_from_record", "replay",
            "BudgetResult", "find_percents_for_budget", "pruned_cost", "RECORD_VERSION"]
 
 RECORD_VERSION = 1
+BUDGET_METHODS = ("greedy", "scale", "evolve")
 Keep = dict[int, np.ndarray]
 
-# How a shortcut-tied set's per-conv masks become one: (votes per channel, set size) -> kept.
+# How a shortcut-tied set's per-conv masks become one: (votes per channel = members scoring >=
+# the threshold, set size, the set's mean score per channel, threshold) -> kept.
 MERGES = {
-    "majority": lambda votes, n: 2 * votes >= n,   # the method's authors: kept by >= half the set
-    "union": lambda votes, n: votes > 0,           # tanluren: kept by any conv of the set
+    "majority": lambda votes, n, mean, t: 2 * votes >= n,  # the method's authors: >= half the set
+    "union": lambda votes, n, mean, t: votes > 0,          # tanluren: kept by any conv of the set
+    "mean": lambda votes, n, mean, t: mean >= t,           # the set scored as one (Torch-Pruning)
 }
 
 
@@ -175,8 +179,8 @@ def _group_masks(graph: ChannelGraph, scores: Mapping[int, np.ndarray], threshol
     for unit in _units(graph, scores):
         if len(unit) > 1:
             votes = sum((scores[c] >= threshold).astype(int) for c in unit)
-            mask = MERGES[settings.merge](votes, len(unit))
             rank = tied_scores(scores, unit)
+            mask = MERGES[settings.merge](votes, len(unit), rank, threshold)
         else:
             rank = scores[unit[0]]
             mask = rank >= threshold
@@ -431,6 +435,7 @@ class BudgetResult:
     target: float          # requested reduction of the metric (fraction removed)
     reduction: float       # reached: the least pruning found that removes >= target
     evaluations: int
+    history: list | None = None   # method evolve: every scored candidate
 
 
 class _Search:
@@ -512,7 +517,8 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
                              min_channels: int = 8, round_to: int = 1, merge: str = "majority",
                              importance: Importance = bn_gamma_abs,
                              score: Callable[[Keep], float] | None = None,
-                             score_step: float = 0.05) -> BudgetResult:
+                             score_step: float = 0.05, evolve_options: Mapping | None = None
+                             ) -> BudgetResult:
     """Group percents whose masks remove at least `target` = (metric, fraction) of the model's
     params or FLOPs (at `size`, default the [net] size), with the least pruning found.
 
@@ -527,19 +533,26 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
     recalibrated pruned model), greedy starts from `base_percents` as given and each round
     raises, per group, the percent just far enough to remove `score_step` more of the metric
     (the last round: just to the target), scores every such candidate and takes the one whose
-    score rises least per cost removed: about G * target / score_step score calls for G groups."""
+    score rises least per cost removed: about G * target / score_step score calls for G groups.
+
+    method "evolve" (needs `score`; `base_percents` are ignored, groups start from one common
+    threshold): compress.budget_evolve over per-group thresholds, `evolve_options` its keyword
+    arguments (rounds, population, sigma, seed); the result's `history` lists every candidate."""
     metric, ratio = target
     if metric not in METRICS:
         raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of params, flops)")
     if not 0 < ratio < 1:
         raise YoloCompressError(f"prune: budget reduction must be in (0, 1), got {ratio}")
-    if method not in ("scale", "greedy"):
-        raise YoloCompressError(f"prune: unknown budget method '{method}' (scale or greedy)")
+    if method not in BUDGET_METHODS:
+        raise YoloCompressError(f"prune: unknown budget method '{method}' (one of "
+                                f"{', '.join(BUDGET_METHODS)})")
     if not 0 < step <= 1:
         raise YoloCompressError(f"prune: budget step must be in (0, 1], got {step}")
-    if score is not None and (method != "greedy" or not 0 < score_step < 1):
-        raise YoloCompressError(f"prune: a scored budget search needs method 'greedy' and a "
-                                f"score_step in (0, 1), got {method}, {score_step}")
+    if score is not None and (method == "scale" or not 0 < score_step < 1):
+        raise YoloCompressError(f"prune: a scored budget search needs method greedy or evolve "
+                                f"and a score_step in (0, 1), got {method}, {score_step}")
+    if method == "evolve" and score is None:
+        raise YoloCompressError("prune: budget method 'evolve' needs a score (calibration data)")
     settings = MaskSettings(min_keep, min_channels, round_to, merge)
     groups = group_layers(blocks) if groups is None else list(groups)
     base = _percents(groups, [0.0] * len(groups) if base_percents is None else base_percents)
@@ -550,6 +563,12 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
         raise YoloCompressError(
             f"prune: cannot remove {ratio:.1%} of the {metric}: pruning every group down to its "
             f"floor removes {most:.1%}")
+
+    if method == "evolve":
+        pct, history = evolve({n: np.concatenate(list(s.scores[n].values())) for n in names},
+                              s.reduction, lambda p: score(s.keep({**base, **p})), ratio,
+                              **(evolve_options or {}))
+        return dataclasses.replace(s.result({**base, **pct}), history=history)
 
     def scaled(t):
         return {**base, **{n: min(1.0, t * base[n]) for n in names}}

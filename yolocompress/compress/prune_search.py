@@ -1,10 +1,10 @@
 """Stage 2's data-driven pieces, over the pure core (compress.prune) and the calibration passes
 (compress.recalibrate):
 
-    cal = Calibrated.from_config(config, train_records, letterbox)
+    cal = Calibrated.from_config(config, train_records, letterbox, names)
     importance = cal.importance(model, name, seed)     # BN-Taylor takes its gradients here
-    score = cal.score(blocks, state, compensate)       # keep -> calibration loss, recalibrated
-    pruned = cal.prune_to_budget(model, config, importance, allocation, ratio, compensate)
+    score = cal.score(blocks, state, compensate, "loss")   # keep -> loss (or -mAP), recalibrated
+    pruned = cal.prune_to_budget(model, config, ratio)     # the prune section's budget search
 
 `cal.full` holds `prune.recalibrate` training images (what every pruned model is recalibrated on),
 `cal.search` its first `prune.search_images` (what candidates are recalibrated and scored on and
@@ -19,6 +19,8 @@ import torch
 
 from ..config import Config
 from ..data.records import Record
+from ..errors import YoloCompressError
+from ..eval.evaluate import METRIC_KEYS, ModelEvaluator, evaluate_model
 from ..models.darknet import Darknet
 from .graph import analyze
 from .importance import NEEDS_GRADIENTS, Importance, get_importance
@@ -26,10 +28,10 @@ from .groups import GROUPINGS, group_layers
 from .prune import find_percents_for_budget, prune
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
 
-__all__ = ["ALLOCATIONS", "Calibrated", "build_pruned"]
+__all__ = ["ALLOCATIONS", "Calibrated", "budget_options", "build_pruned"]
 
-# budget allocation -> does the greedy search score candidates on calibration data
-ALLOCATIONS = {"importance": False, "loss": True}
+# budget allocation -> does the search score candidates on calibration data
+ALLOCATIONS = {"importance": False, "loss": True, "map": True}
 
 
 def build_pruned(blocks, state, keep, compensate: bool, device: torch.device | str = "cpu"
@@ -45,14 +47,18 @@ def build_pruned(blocks, state, keep, compensate: bool, device: torch.device | s
 class Calibrated:
     full: Calibration | None          # None: recalibration off (prune.recalibrate = 0)
     search: Calibration
+    evaluator: ModelEvaluator         # allocation "map": scores candidates on search.records
 
     @classmethod
-    def from_config(cls, config: Config, train: Sequence[Record], letterbox: bool) -> Calibrated:
+    def from_config(cls, config: Config, train: Sequence[Record], letterbox: bool,
+                    names: Sequence[str]) -> Calibrated:
         pc, size = config.prune, config.model.img_size
         n = max(pc.recalibrate, pc.search_images)
         cal = Calibration.from_records(train, n, size, letterbox, config.eval.batch_size)
         return cls(cal.head(pc.recalibrate) if pc.recalibrate else None,
-                   cal.head(pc.search_images))
+                   cal.head(pc.search_images),
+                   dataclasses.replace(ModelEvaluator.from_config(config, names, letterbox),
+                                       workers=0))
 
     def recalibrate(self, model: Darknet) -> Darknet:
         return recalibrate_bn(model, self.full) if self.full is not None else model
@@ -63,25 +69,46 @@ class Calibrated:
             gradients = gamma_gradients(model, self.search, analyze(model.blocks).prunable)
         return get_importance(name, seed, gradients)
 
-    def score(self, blocks, state, compensate: bool, device: torch.device | str = "cpu"
-              ) -> Callable:
-        """keep -> calibration loss of the pruned model after recalibrating it on `search`."""
-        def loss(keep) -> float:
-            m = build_pruned(blocks, state, keep, compensate, device)
-            return calib_loss(recalibrate_bn(m, self.search), self.search)
-        return loss
+    def score(self, blocks, state, compensate: bool, allocation: str = "loss",
+              device: torch.device | str = "cpu") -> Callable:
+        """keep -> the pruned model's calibration loss ("loss") or minus its mAP (the experiment's
+        eval.metric, "map") on the search images, after recalibrating it on them: lower is
+        better."""
+        if not ALLOCATIONS.get(allocation):
+            raise YoloCompressError(f"prune: allocation '{allocation}' scores no candidates")
 
-    def prune_to_budget(self, model: Darknet, config: Config, importance: str, allocation: str,
-                        ratio: float, compensate: bool, metric: str = "flops") -> Darknet:
-        """The model pruned by the greedy budget search from zero percents (not recalibrated):
-        the prune section's floors, grouping and score_step, `importance` and `allocation`."""
-        pc, size = config.prune, config.model.img_size
+        def value(keep) -> float:
+            m = recalibrate_bn(build_pruned(blocks, state, keep, compensate, device), self.search)
+            if allocation == "loss":
+                return calib_loss(m, self.search)
+            return -evaluate_model(m, self.search.records, self.evaluator,
+                                   progress=False)[METRIC_KEYS[self.evaluator.metric]]
+        return value
+
+    def prune_to_budget(self, model: Darknet, config: Config, ratio: float,
+                        metric: str = "flops") -> Darknet:
+        """The model pruned to `ratio` of `metric` by the prune section's budget search from
+        zero percents (not recalibrated)."""
+        pc = config.prune
         blocks, state = model.blocks, model.state_dict()
         groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
-        scored = self.score(blocks, state, compensate) if ALLOCATIONS[allocation] else None
         res = find_percents_for_budget(
-            blocks, state, groups, [0.0] * len(groups), (metric, ratio), size=(size, size),
-            min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
-            merge=pc.merge, importance=self.importance(model, importance, config.train.seed),
-            score=scored, score_step=pc.score_step)
-        return build_pruned(blocks, state, res.keep, compensate)
+            blocks, state, groups, [0.0] * len(groups), (metric, ratio),
+            **budget_options(config, self, blocks, state,
+                             self.importance(model, pc.importance, config.train.seed)))
+        return build_pruned(blocks, state, res.keep, pc.compensate)
+
+
+def budget_options(config: Config, cal: Calibrated | None, blocks, state, importance: Importance
+                   ) -> dict:
+    """find_percents_for_budget's keyword arguments from the prune section (a scored allocation
+    needs `cal`)."""
+    pc, size = config.prune, config.model.img_size
+    scored = ALLOCATIONS[pc.allocation]
+    if scored and cal is None:
+        raise YoloCompressError(f"prune: allocation '{pc.allocation}' needs calibration images")
+    return dict(method=pc.budget_method, size=(size, size), min_keep=pc.min_keep,
+                min_channels=pc.min_channels, round_to=pc.round_to, merge=pc.merge,
+                importance=importance, score_step=pc.score_step,
+                score=cal.score(blocks, state, pc.compensate, pc.allocation) if scored else None,
+                evolve_options=dict(rounds=pc.search_rounds, seed=config.train.seed))

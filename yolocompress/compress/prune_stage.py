@@ -50,7 +50,7 @@ from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import GROUPINGS, Group, group_layers
 from .importance import NEEDS_GRADIENTS, get_importance
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan
-from .prune_search import ALLOCATIONS, Calibrated, build_pruned
+from .prune_search import ALLOCATIONS, Calibrated, budget_options, build_pruned
 
 __all__ = ["run_prune", "plan_from_config", "command", "pipeline_step"]
 
@@ -109,20 +109,20 @@ def _costs(blocks, new_blocks, groups, size) -> tuple[dict, dict, list[dict], li
 def _choose(config: Config, blocks, state, groups, settings: dict, cal: Calibrated | None
             ) -> dict:
     """The plan record: the config's percents, or the budget search's (recorded in "budget")."""
-    pc, size = config.prune, config.model.img_size
+    pc = config.prune
     percents, budget = _percents(config, groups), None
     if pc.budget_target is not None:
         t0 = time.perf_counter()
-        scored = ALLOCATIONS[pc.allocation] and cal is not None
         res = find_percents_for_budget(
             blocks, state, groups, percents, (pc.budget_target, pc.budget_ratio),
-            method=pc.budget_method, size=(size, size), **settings,
-            score=cal.score(blocks, state, pc.compensate) if scored else None,
-            score_step=pc.score_step)
+            **budget_options(config, cal, blocks, state, settings["importance"]))
         percents = res.percents
         budget = {"metric": res.metric, "target": res.target, "reduction": res.reduction,
                   "method": pc.budget_method, "allocation": pc.allocation,
                   "evaluations": res.evaluations, "seconds": time.perf_counter() - t0}
+        if res.history is not None:
+            budget["candidates"] = [{"score": h["score"], "generation": h["generation"]}
+                                    for h in res.history]
     record = plan(blocks, state, groups, percents, **settings)
     record["settings"].update(compensate=pc.compensate, grouping=pc.grouping,
                               recalibrate=pc.recalibrate)
@@ -170,7 +170,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     if pc.recalibrate or (pc.budget_target and ALLOCATIONS[pc.allocation]) \
             or pc.importance in NEEDS_GRADIENTS:
         cal = Calibrated.from_config(config, load_split(desc, "train", strict=config.data.strict),
-                                     uses_letterbox(config, model))
+                                     uses_letterbox(config, model), names)
 
     t0 = time.perf_counter()
     groups, record, settings = plan_from_config(config, blocks, state, cal, model)

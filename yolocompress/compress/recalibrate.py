@@ -33,8 +33,10 @@ __all__ = ["Calibration", "recalibrate_bn", "calib_loss", "gamma_gradients"]
 
 @dataclass(frozen=True)
 class Calibration:
-    """Batches of (uint8 images (B, 3, H, W), targets (n, 6)) of a fixed subset."""
+    """Batches of (uint8 images (B, 3, H, W), targets (n, 6)) of a fixed subset, and the records
+    they were read from (in batch order)."""
     batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    records: tuple[Record, ...] = ()
 
     @classmethod
     def from_records(cls, records: Sequence[Record], n: int, img_size: int, letterbox: bool,
@@ -44,14 +46,14 @@ class Calibration:
         if not records:
             raise YoloCompressError("calibration: the training split has no images")
         idx = np.unique(np.linspace(0, len(records) - 1, min(n, len(records))).round().astype(int))
-        ds = DetectionDataset([records[i] for i in idx], img_size, augment=None,
-                              letterbox=letterbox)
+        subset = tuple(records[i] for i in idx)
+        ds = DetectionDataset(list(subset), img_size, augment=None, letterbox=letterbox)
         batches = []
         for start in range(0, len(ds), batch_size):
             images, targets, _ = collate([ds[i] for i in range(start, min(len(ds),
                                                                           start + batch_size))])
             batches.append((images, targets))
-        return cls(tuple(batches))
+        return cls(tuple(batches), subset)
 
     @property
     def images(self) -> int:
@@ -65,7 +67,7 @@ class Calibration:
                 break
             out.append(b)
             count += b[0].shape[0]
-        return Calibration(tuple(out))
+        return Calibration(tuple(out), self.records[:count])
 
 
 def _device(model: nn.Module) -> torch.device:
