@@ -380,7 +380,7 @@ def test_budget_greedy_from_zero_and_unreachable_targets():
     with pytest.raises(YoloCompressError, match="cannot remove 99.0% of the params"):
         find_percents_for_budget(blocks, sd, target=("params", 0.99))
     with pytest.raises(YoloCompressError, match="unknown budget metric"):
-        find_percents_for_budget(blocks, sd, target=("latency", 0.3))
+        find_percents_for_budget(blocks, sd, target=("energy", 0.3))
     with pytest.raises(YoloCompressError, match="needs a non-zero base percent"):
         find_percents_for_budget(blocks, sd, target=("params", 0.3), method="scale")
 

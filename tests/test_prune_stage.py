@@ -167,6 +167,29 @@ def test_budget_mode_lands_within_one_percent(mini, tmp_path, capsys, metric, me
     assert _replays(load_artifact(mini / "baseline.pt"), art, compensate=False)
 
 
+def test_latency_budget_by_evolution_scored_by_map(mini, tmp_path, monkeypatch):
+    """A latency budget (torch table, cached under $YOLOCOMPRESS_CACHE), allocated by the
+    evolution scored by mAP on the search images: the table predicts the target, the stage times
+    the result, and the candidates are recorded."""
+    monkeypatch.setenv("YOLOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "lat.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out),
+                  "--latency-iters", "0", "prune.budget_target=latency", "prune.budget_ratio=0.3",
+                  "prune.latency_backend=torch", "prune.latency_threads=1",
+                  "prune.budget_method=evolve", "prune.allocation=map", "prune.search_rounds=3",
+                  "prune.search_images=8") == 0
+    budget = load_artifact(out)["prune"]["budget"]
+    assert budget["metric"] == "latency" and 0.3 <= budget["reduction"] <= 0.32
+    assert [c["generation"] for c in budget["candidates"]] == [0, 1, 1]
+    assert all(-1 <= c["score"] <= 0 for c in budget["candidates"])       # minus an mAP
+    check = budget["check"]
+    assert check["backend"] == "torch" and check["threads"] == 1 and check["batch"] == 1
+    assert 1 - check["predicted_after_ms"] / check["predicted_before_ms"] == \
+        pytest.approx(budget["reduction"])
+    assert check["before_ms"] > 0 and check["after_ms"] > 0
+    assert len(list((tmp_path / "cache" / "latency").glob("latency-*.json"))) == 1
+
+
 def test_one_percent_for_all_groups_l1_importance_no_compensation(mini, tmp_path):
     out = tmp_path / "p.pt"
     assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
@@ -212,7 +235,7 @@ def test_prune_command_errors(mini, capsys):
         (["--from", sparse, "prune.min_keep=0"], "prune.min_keep: must be in (0, 1]"),
         (["--from", sparse, "prune.percents=[0.5,1.5]"], "prune.percents: must be a non-empty"),
         (["--from", sparse, "prune.merge=any"], "prune.merge="),
-        (["--from", sparse, "prune.budget_target=latency"], "prune.budget_target="),
+        (["--from", sparse, "prune.budget_target=energy"], "prune.budget_target="),
         (["--from", str(mini / "missing.pt")], "no such artifact file"),
     ]
     for args, msg in cases:     # --force: past the complete stage of the first test

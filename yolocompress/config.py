@@ -299,8 +299,11 @@ class PruneConfig(_Section):
     # it costs mAP right after pruning (docs/BENCHMARKS.md, "Right after pruning")
     compensate: bool = False
     # budget mode: search percents (from `percents` as the base) removing budget_ratio of this
-    # metric; null = use `percents` as given
-    budget_target: Optional[Literal["params", "flops"]] = None
+    # metric (latency: predicted by a per-layer table measured once in latency_backend, cached;
+    # compress/latency_table.py); null = use `percents` as given
+    budget_target: Optional[Literal["params", "flops", "latency"]] = None
+    latency_backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    latency_threads: int = 2              # intra-op threads of the latency table and check
     budget_ratio: float = 0.5             # budget mode: fraction of params / FLOPs to remove
     # budget mode: greedy (raise the group losing least importance per cost) | scale (t * percents)
     # | evolve (per-group thresholds from one common threshold, an evolution strategy scored by
@@ -321,7 +324,7 @@ class PruneConfig(_Section):
         _require(len(self.percents) >= 1 and all(0 <= p <= 1 for p in self.percents), "percents",
                  "must be a non-empty list of fractions in [0, 1]", list(self.percents))
         _require(0 < self.min_keep <= 1, "min_keep", "must be in (0, 1]", self.min_keep)
-        for name in ("min_channels", "round_to"):
+        for name in ("min_channels", "round_to", "latency_threads"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _require(0 < self.budget_ratio < 1, "budget_ratio", "must be in (0, 1)", self.budget_ratio)
         _require(0 < self.score_step < 1, "score_step", "must be in (0, 1)", self.score_step)

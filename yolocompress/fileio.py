@@ -20,11 +20,24 @@ from pathlib import Path
 
 from .errors import YoloCompressError
 
-__all__ = ["atomic_open", "make_dir", "refuse_overwrite", "remove_stale_temps"]
+__all__ = ["CACHE_ENV", "atomic_open", "make_dir", "refuse_overwrite", "remove_stale_temps", "user_cache_dir"]
 
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
 _LEGACY = re.compile(r"^\..+\.[^.]+\.tmp$")
 LEGACY_STALE_S = 3600.0     # pid-less temps (older versions) are stale after this long
+
+
+CACHE_ENV = "YOLOCOMPRESS_CACHE"
+
+
+def user_cache_dir() -> Path:
+    """$YOLOCOMPRESS_CACHE if set, else $XDG_CACHE_HOME/yolocompress (default
+    ~/.cache/yolocompress): the demo set, latency tables, and parsed annotations that cannot sit
+    beside their data."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "yolocompress"
 
 
 def make_dir(folder: str | os.PathLike) -> Path:

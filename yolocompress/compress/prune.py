@@ -414,16 +414,23 @@ def replay(blocks: list[Block], state, record: Mapping, compensate: bool = True
 
 # ---- budget ---------------------------------------------------------------------------------
 
-METRICS = ("params", "flops")
+METRICS = ("params", "flops", "latency")
 
 
 def pruned_cost(blocks: list[Block], keep: Mapping[int, Iterable[int]], metric: str,
-                size: tuple[int, int] | None = None) -> int:
-    """Total params or Darknet FLOPs of the pruned cfg (models.profile), without building it."""
+                size: tuple[int, int] | None = None, latency: Any = None) -> float:
+    """Total params or Darknet FLOPs of the pruned cfg (models.profile), or its predicted ms
+    (`latency`: a compress.latency_table.LatencyTable of `blocks`), without building it."""
     if metric not in METRICS:
-        raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of params, flops)")
+        raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of "
+                                f"{', '.join(METRICS)})")
     kept = propagate_keep(blocks, keep)
-    rows = profile_blocks(_with_filters(blocks, kept.filters, deep=False), *(size or (None, None)))
+    slim = _with_filters(blocks, kept.filters, deep=False)
+    if metric == "latency":
+        if latency is None:
+            raise YoloCompressError("prune: a latency budget needs a latency table")
+        return latency.predict(slim)
+    rows = profile_blocks(slim, *(size or (None, None)))
     return sum(getattr(r, metric) for r in rows)
 
 
@@ -441,14 +448,16 @@ class BudgetResult:
 class _Search:
     """Masks per (group, percent), cached; the metric's reduction of a full choice."""
 
-    def __init__(self, blocks, state, groups, importance, settings, metric, ratio, size):
+    def __init__(self, blocks, state, groups, importance, settings, metric, ratio, size,
+                 latency=None):
         self.blocks, self.metric, self.ratio, self.size = blocks, metric, ratio, size
+        self.latency = latency
         self.graph = analyze(blocks)
         _check_groups(self.graph, groups)
         self.groups = [g for g in groups if g.layers]
         self.scores = group_scores(state, self.groups, importance)
         self.settings = settings
-        self.base = pruned_cost(blocks, {}, metric, size)
+        self.base = pruned_cost(blocks, {}, metric, size, latency)
         self.cache: dict = {}
         self.evaluations = 0
 
@@ -472,7 +481,8 @@ class _Search:
 
     def reduction(self, pct: Mapping[str, float]) -> float:
         self.evaluations += 1
-        return 1 - pruned_cost(self.blocks, self.keep(pct), self.metric, self.size) / self.base
+        return 1 - pruned_cost(self.blocks, self.keep(pct), self.metric, self.size,
+                               self.latency) / self.base
 
     def bisect(self, make, lo: float, hi: float) -> tuple[float, float]:
         """(lo, hi) 1e-7 apart around where reduction(make(x)) first reaches the target, given
@@ -517,10 +527,11 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
                              min_channels: int = 8, round_to: int = 1, merge: str = "majority",
                              importance: Importance = bn_gamma_abs,
                              score: Callable[[Keep], float] | None = None,
-                             score_step: float = 0.05, evolve_options: Mapping | None = None
-                             ) -> BudgetResult:
+                             score_step: float = 0.05, evolve_options: Mapping | None = None,
+                             latency: Any = None) -> BudgetResult:
     """Group percents whose masks remove at least `target` = (metric, fraction) of the model's
-    params or FLOPs (at `size`, default the [net] size), with the least pruning found.
+    params, FLOPs (at `size`, default the [net] size) or predicted latency (`latency`: a
+    compress.latency_table.LatencyTable of `blocks`), with the least pruning found.
 
     method "scale": percents = min(1, t * base) with t found by bisection. method "greedy":
     starting from `base_percents` (default all 0; scaled down first if they already reach the
@@ -540,7 +551,8 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
     arguments (rounds, population, sigma, seed); the result's `history` lists every candidate."""
     metric, ratio = target
     if metric not in METRICS:
-        raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of params, flops)")
+        raise YoloCompressError(f"prune: unknown budget metric '{metric}' (one of "
+                                f"{', '.join(METRICS)})")
     if not 0 < ratio < 1:
         raise YoloCompressError(f"prune: budget reduction must be in (0, 1), got {ratio}")
     if method not in BUDGET_METHODS:
@@ -556,7 +568,7 @@ def find_percents_for_budget(blocks: list[Block], state, groups: Sequence[Group]
     settings = MaskSettings(min_keep, min_channels, round_to, merge)
     groups = group_layers(blocks) if groups is None else list(groups)
     base = _percents(groups, [0.0] * len(groups) if base_percents is None else base_percents)
-    s = _Search(blocks, state, groups, importance, settings, metric, ratio, size)
+    s = _Search(blocks, state, groups, importance, settings, metric, ratio, size, latency)
     names = [g.name for g in s.groups]
     most = s.reduction({**base, **{n: 1.0 for n in names}})
     if most < ratio:

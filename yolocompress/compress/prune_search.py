@@ -28,7 +28,7 @@ from .groups import GROUPINGS, group_layers
 from .prune import find_percents_for_budget, prune
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
 
-__all__ = ["ALLOCATIONS", "Calibrated", "budget_options", "build_pruned"]
+__all__ = ["ALLOCATIONS", "Calibrated", "budget_options", "build_pruned", "latency_table"]
 
 # budget allocation -> does the search score candidates on calibration data
 ALLOCATIONS = {"importance": False, "loss": True, "map": True}
@@ -99,10 +99,21 @@ class Calibrated:
         return build_pruned(blocks, state, res.keep, pc.compensate)
 
 
+def latency_table(config: Config, blocks):
+    """The cached latency table of the prune section's backend and threads (batch 1) at the
+    experiment's input size, measured on first use."""
+    from ..fileio import user_cache_dir
+    from .latency_table import load_or_measure
+
+    size, pc = config.model.img_size, config.prune
+    return load_or_measure(blocks, (size, size), user_cache_dir() / "latency",
+                           pc.latency_backend, pc.latency_threads, 1)
+
+
 def budget_options(config: Config, cal: Calibrated | None, blocks, state, importance: Importance
                    ) -> dict:
     """find_percents_for_budget's keyword arguments from the prune section (a scored allocation
-    needs `cal`)."""
+    needs `cal`; a latency budget measures or loads the latency table)."""
     pc, size = config.prune, config.model.img_size
     scored = ALLOCATIONS[pc.allocation]
     if scored and cal is None:
@@ -111,4 +122,5 @@ def budget_options(config: Config, cal: Calibrated | None, blocks, state, import
                 min_channels=pc.min_channels, round_to=pc.round_to, merge=pc.merge,
                 importance=importance, score_step=pc.score_step,
                 score=cal.score(blocks, state, pc.compensate, pc.allocation) if scored else None,
-                evolve_options=dict(rounds=pc.search_rounds, seed=config.train.seed))
+                evolve_options=dict(rounds=pc.search_rounds, seed=config.train.seed),
+                latency=latency_table(config, blocks) if pc.budget_target == "latency" else None)

@@ -49,8 +49,9 @@ from ..train.distributed import init_distributed
 from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import GROUPINGS, Group, group_layers
 from .importance import NEEDS_GRADIENTS, get_importance
+from .latency_table import time_model
 from .prune import find_percents_for_budget, group_scores, keep_from_record, plan
-from .prune_search import ALLOCATIONS, Calibrated, budget_options, build_pruned
+from .prune_search import ALLOCATIONS, Calibrated, budget_options, build_pruned, latency_table
 
 __all__ = ["run_prune", "plan_from_config", "command", "pipeline_step"]
 
@@ -195,6 +196,8 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                                                      fuse_bn=True)
                                for when, m in (("before", model), ("after", pruned))}}
                for b in (latency_batches if latency_iters > 0 else ())]
+    if pc.budget_target == "latency":
+        record["budget"]["check"] = _latency_check(config, blocks, new_blocks)
     device = init_distributed(config.train.device).device
     scores = config_evaluator(config, val, names, uses_letterbox(config, model))
 
@@ -232,6 +235,23 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                   record, _LABELS[pc.importance])
     _print_summary(metrics, out)
     return out
+
+
+def _latency_check(config: Config, blocks, new_blocks) -> dict:
+    """A latency budget's result, timed: the unpruned and the rebuilt cfg in the table's backend
+    (batch 1), against what the table predicted."""
+    pc, size = config.prune, config.model.img_size
+    table = latency_table(config, blocks)
+    kw = dict(backend=pc.latency_backend, threads=pc.latency_threads, batch=1)
+    before, after = (time_model(b, (size, size), **kw) for b in (blocks, new_blocks))
+    check = {**kw, "before_ms": before, "after_ms": after, "reduction": 1 - after / before,
+             "predicted_before_ms": table.predict(blocks),
+             "predicted_after_ms": table.predict(new_blocks)}
+    print(f"latency budget: {before:.1f} -> {after:.1f} ms measured ({1 - after / before:.1%} "
+          f"less; target {pc.budget_ratio:.1%}, table predicted "
+          f"{1 - check['predicted_after_ms'] / check['predicted_before_ms']:.1%}), "
+          f"{pc.latency_backend}, {pc.latency_threads} threads, batch 1")
+    return check
 
 
 def _write_report(folder: Path, metrics: dict, scores: dict, record: dict, label: str) -> None:

@@ -20,10 +20,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from yolocompress.data.records import Record
+from yolocompress.fileio import CACHE_ENV, user_cache_dir
 
 __all__ = ["CACHE_ENV", "cache_dir", "fingerprint", "load_records", "save_records"]
 
-CACHE_ENV = "YOLOCOMPRESS_CACHE"
 _LAYOUT = 1                         # version of the .npz layout below
 _log = logging.getLogger("yolocompress.data")
 
@@ -38,14 +38,10 @@ def _writable(folder: str) -> bool:
 
 def cache_dir(root: str) -> str:
     """The folder for the caches of the data set at `root` (see the module docstring)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return os.path.expanduser(override)
+    if os.environ.get(CACHE_ENV):
+        return str(user_cache_dir())
     local = os.path.join(root, ".yolocompress-cache")
-    if _writable(local):
-        return local
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "yolocompress")
+    return local if _writable(local) else str(user_cache_dir())
 
 
 def fingerprint(key: str, inputs: Iterable[str]) -> str:

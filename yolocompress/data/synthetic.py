@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import YoloCompressError
-from ..fileio import make_dir
+from ..fileio import make_dir, user_cache_dir
 
 __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "DEMO_YEAR", "MARKER", "DemoObject",
            "render_image", "generate_demo", "demo_root", "ensure_demo"]
@@ -357,10 +357,10 @@ def generate_demo(root: str | os.PathLike, seed: int = 0, n_train: int = 1000, n
 
 
 def demo_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where `ensure_demo` keeps the default set: `<cache>/demo-v<version>-seed0`, cache = $YOLOCOMPRESS_CACHE
-    or ~/.cache/yolocompress."""
-    base = cache_dir or os.environ.get("YOLOCOMPRESS_CACHE") or "~/.cache/yolocompress"
-    return Path(base).expanduser() / f"demo-v{DEMO_VERSION}-seed0"
+    """Where `ensure_demo` keeps the default set: `<cache>/demo-v<version>-seed0`, cache =
+    `cache_dir` or fileio.user_cache_dir()."""
+    base = Path(cache_dir).expanduser() if cache_dir else user_cache_dir()
+    return base / f"demo-v{DEMO_VERSION}-seed0"
 
 
 def ensure_demo(cache_dir: str | os.PathLike | None = None) -> Path:
