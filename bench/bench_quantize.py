@@ -95,15 +95,18 @@ def part_methods(config, artifact, tmp, args, data) -> list[dict]:
     if not fp32.is_file():
         _quantize(config, artifact, tmp, "int8")
     rows = []
-    for method in ("minmax", "entropy", "percentile"):
-        for keep in ("decode", "detect"):
-            path, rec = _quantize(config, artifact, tmp, f"{method}-{keep}", fp32,
-                                  (f"quantize.method={method}", f"quantize.keep_float={keep}"))
-            rows.append({"method": method, "keep_float": keep,
-                         "calibration_images": rec["calibration_images"],
-                         "size_bytes": path.stat().st_size,
-                         **_eval_onnx(path, data, args.threads, tmp / "m.json")})
-            print(rows[-1], flush=True)
+    arms = [(m, k, "conv", True) for m in ("minmax", "entropy", "percentile")
+            for k in ("decode", "detect")]
+    arms += [("minmax", "decode", "conv", False), ("minmax", "decode", "all", True)]
+    for method, keep, ops, per_channel in arms:
+        path, rec = _quantize(config, artifact, tmp, f"{method}-{keep}-{ops}-{per_channel}", fp32,
+                              (f"quantize.method={method}", f"quantize.keep_float={keep}",
+                               f"quantize.ops={ops}", f"quantize.per_channel={per_channel}"))
+        rows.append({"method": method, "keep_float": keep, "ops": ops, "per_channel": per_channel,
+                     "calibration_images": rec["calibration_images"],
+                     "size_bytes": path.stat().st_size,
+                     **_eval_onnx(path, data, args.threads, tmp / "m.json")})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -157,12 +160,14 @@ def markdown(res: dict) -> str:
                     f"{', '.join(f'{v:.1f}' for v in la['before'])}, after "
                     f"{', '.join(f'{v:.1f}' for v in la['after'])}. Quantization: "
                     f"{o['quantize']['method']}, {o['quantize']['calibration_images']} training "
-                    f"images, keep_float {o['quantize']['keep_float']}, per-channel "
+                    f"images, keep_float {o['quantize']['keep_float']}, INT8 ops "
+                    f"{o['quantize']['ops']}, per-channel "
                     f"{o['quantize']['per_channel']}; {o['quantize']['reduce_range_why']}.", ""]
     if "methods" in res:
-        out += ["| calibration | kept in float | mAP@0.5 VOC07 | all-point |", "|---|---|---:|---:|"]
-        out += [f"| {r['method']} | {r['keep_float']} | {r['map50_voc07']:.4f} | "
-                f"{r['map50_all']:.4f} |" for r in res["methods"]] + [""]
+        out += ["| calibration | kept in float | INT8 ops | per-channel | mAP@0.5 VOC07 | "
+                "all-point |", "|---|---|---|---|---:|---:|"]
+        out += [f"| {r['method']} | {r['keep_float']} | {r['ops']} | {r['per_channel']} | "
+                f"{r['map50_voc07']:.4f} | {r['map50_all']:.4f} |" for r in res["methods"]] + [""]
     if "sharing" in res:
         out += ["| weight sharing | mAP@0.5 VOC07 | all-point | size on disk |",
                 "|---|---:|---:|---:|"]

@@ -144,7 +144,7 @@ def test_odd_maxpool_padding_stays_float_and_calibrates(tmp_path):
     calib = Calibration(((torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
                           torch.zeros(0, 6)),))
     out = tmp_path / "tiny-int8.onnx"
-    quantize_onnx(fp32, out, calib, QuantizeConfig(method="entropy"))
+    quantize_onnx(fp32, out, calib, QuantizeConfig(method="entropy", ops="all"))
     q = onnx.load(str(out))
     made_by = _producers(q)
     pools = [n for n in q.graph.node if n.name in floats["unbounded"] and n.op_type == "MaxPool"]

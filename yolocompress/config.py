@@ -376,6 +376,9 @@ class QuantizeConfig(_Section):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = 99.999            # percentile method: the share of values inside the range
     per_channel: bool = True              # one weight scale per output channel (else per tensor)
+    # which ops run in INT8: "conv" = the convs (their inputs quantized, activations float between
+    # them); "all" = every op ONNX Runtime can quantize (the mish arithmetic too)
+    ops: Literal["conv", "all"] = "conv"
     # what stays in float: "decode" = the box decode after the detection convs (quantizing it
     # gives ~0 mAP); "detect" = that and the detection convs themselves
     keep_float: Literal["decode", "detect"] = "decode"

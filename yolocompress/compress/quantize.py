@@ -163,8 +163,8 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
     # an infinite tensor must not even be calibrated (the histogram methods fail on it): leave
     # the op types of the unbounded nodes (Pad, MaxPool: odd Darknet padding) out entirely
     skip = {n.op_type for n in proto.graph.node if n.name in set(floats["unbounded"])}
-    op_types = None
-    if skip:     # quantize_static's own default list, less those
+    op_types = ["Conv"] if section.ops == "conv" else None
+    if skip and op_types is None:     # quantize_static's own default list, less those
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
         op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - skip)
     reader = CalibrationReader(calib, model_info.session.get_inputs()[0].name)
@@ -186,7 +186,7 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
     with atomic_open(out, "wb") as f:
         f.write(int8.SerializeToString())
     return {"method": section.method, "calibration_images": calib.images,
-            "per_channel": section.per_channel, "keep_float": section.keep_float,
+            "per_channel": section.per_channel, "ops": section.ops, "keep_float": section.keep_float,
             "reduce_range": reduce_range, "reduce_range_why": why,
             "float_nodes": len(floats["keep"]), "detect_convs": floats["detect"], "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": out.stat().st_size}
