@@ -1,15 +1,15 @@
 """Stage 4 on one artifact (default: the demo's distilled model): FP32 ONNX vs INT8 ONNX (mAP by
 `yolocompress eval` on each .onnx, size, ONNX Runtime latency at batch 1 and 8 side by side),
-the calibration methods x what stays float, weight sharing at b bits and global unstructured
+the calibration methods x what stays float (and the naive all-INT8 control), weight sharing at b bits and global unstructured
 magnitude pruning (mAP of the PyTorch model, size of the compact file on disk).
 
 Everything is made afresh in a temp folder (export, quantization, clustering): nothing stale is
 reused. Parts (`--parts`): onnx (the FP32 / INT8 pair: mAP, size, latency; `--speed-only`
-times them without scoring), methods, sharing, unstructured. Latency protocol as
+times them without scoring), methods, naive, sharing, unstructured. Latency protocol as
 bench/bench_speed.py: per model `--warmup` untimed then `--iters` timed passes of one fixed
 random batch, median; the models interleaved for `--rounds` rounds; load average recorded.
-`--write` merges the parts run into docs/bench/quantize.json and rewrites the BENCHMARKS.md section
-from it.
+`--write` merges each part, as it finishes, into docs/bench/quantize.json and rewrites the
+BENCHMARKS.md section from that file.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from yolocompress.fileio import atomic_open
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Stage 4: INT8 quantization, weight sharing, unstructured pruning"
-PARTS = ("onnx", "methods", "sharing", "unstructured")
+PARTS = ("onnx", "methods", "naive", "sharing", "unstructured")
 
 
 def _eval_onnx(path: Path, data: Path, threads: int, out: Path) -> dict:
@@ -110,6 +110,33 @@ def part_methods(config, artifact, tmp, args, data) -> list[dict]:
     return rows
 
 
+def part_naive(config, artifact, tmp, args, data) -> dict:
+    """The known trap: quantize_static on everything, the decode included (a control)."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    from yolocompress.compress.quantize import CalibrationReader
+    from yolocompress.compress.recalibrate import Calibration
+
+    fp32 = tmp / "fp32.onnx"
+    if not fp32.is_file():
+        _quantize(config, artifact, tmp, "int8")
+    records = load_split(load_descriptor(data), "train")
+    calib = Calibration.from_records(records, config.quantize.calibration_images,
+                                     config.model.img_size, build_model(
+                                         load_artifact(artifact)).letterbox)
+    out = tmp / "naive.onnx"
+    q.quantize_static(str(fp32), str(out), CalibrationReader(calib, "images"),
+                      quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    model = onnx.load(str(out))
+    onnx.helper.set_model_props(model, {p.key: p.value for p in onnx.load(str(fp32)).metadata_props})
+    onnx.save(model, str(out))
+    return {"what": "every op quantized, the decode included", "method": "minmax",
+            "calibration_images": calib.images, **_eval_onnx(out, data, args.threads,
+                                                             tmp / "naive.json")}
+
+
 def part_sharing(config, artifact, tmp, args, data, desc, records) -> list[dict]:
     art = load_artifact(artifact)
     rows = [{"bits": None, "size_bytes": artifact.stat().st_size, **_eval_art(art, config, desc,
@@ -168,6 +195,10 @@ def markdown(res: dict) -> str:
                 "all-point |", "|---|---|---|---|---:|---:|"]
         out += [f"| {r['method']} | {r['keep_float']} | {r['ops']} | {r['per_channel']} | "
                 f"{r['map50_voc07']:.4f} | {r['map50_all']:.4f} |" for r in res["methods"]] + [""]
+    if "naive" in res:
+        n = res["naive"]
+        out += [f"Control, {n['what']} ({n['method']}, {n['calibration_images']} images): "
+                f"mAP@0.5 VOC07 {n['map50_voc07']:.4f}, all-point {n['map50_all']:.4f}.", ""]
     if "sharing" in res:
         out += ["| weight sharing | mAP@0.5 VOC07 | all-point | size on disk |",
                 "|---|---:|---:|---:|"]
@@ -211,16 +242,20 @@ def main() -> None:
         for part in args.parts:
             extra = (desc, records) if part in ("sharing", "unstructured") else ()
             res[part] = globals()[f"part_{part}"](config, args.artifact, tmp, args, data, *extra)
+            if args.write:      # each part as it finishes
+                _write(args, data, {part: res[part]})
     print(markdown(res))
-    if args.write:
-        old = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        old.update({"artifact": str(args.artifact), "machine": machine("onnxruntime", "torch"),
-                    **res})
-        with atomic_open(args.json, "w", encoding="utf-8") as f:
-            json.dump(old, f, indent=1)
-        write_result(SECTION, f"{args.artifact}, val split of {data.name} (200 images); rows in "
-                              f"docs/bench/quantize.json",
-                     machine("onnxruntime", "torch"), markdown(old), args.markdown)
+
+
+def _write(args, data: Path, res: dict) -> None:
+    """Merge `res` into the JSON file and rewrite the BENCHMARKS.md section from all of it."""
+    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    old.update({"artifact": str(args.artifact), "machine": machine("onnxruntime", "torch"), **res})
+    with atomic_open(args.json, "w", encoding="utf-8") as f:
+        json.dump(old, f, indent=1)
+    write_result(SECTION, f"{args.artifact}, val split of {data.name} (200 images); rows in "
+                          f"docs/bench/quantize.json", machine("onnxruntime", "torch"),
+                 markdown(old), args.markdown)
 
 
 if __name__ == "__main__":

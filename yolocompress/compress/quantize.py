@@ -3,21 +3,25 @@
 `quantize_onnx(fp32, out, calib, section)` writes an INT8 copy of an `export --format onnx` file:
 uint8 activations with ranges calibrated on the fixed `Calibration` subset of training images
 (the project's letterbox / resize, as evaluation), int8 weights (per output channel), and in float
-what holds the mAP (`float_nodes`): the box decode after the detection convs -- quantizing its
-exp / sigmoid / grid arithmetic gives ~0 mAP; the INT8 detection convs' outputs enter it
-dequantized -- and, with keep_float "detect", those convs too (float outputs);
-also a maxpool's Pad with -inf (odd padding; `export` writes even padding into the MaxPool),
-which no 8-bit scale holds.
+what holds the mAP (`float_nodes`): the box decode after the detection convs (quantized, its final
+Concat puts pixel boxes and probabilities in one 8-bit range; the INT8 detection convs' outputs
+enter it dequantized), with keep_float "detect" those convs too, and a maxpool's Pad with -inf
+(odd padding; `export` writes even padding into the MaxPool), which no 8-bit scale holds.
 The detection convs are found in the graph, not by name: the convs from which no other conv is
 reached (the convs feeding the [yolo] layers); the decode is every node downstream of them.
-`reduce_range` (7-bit weights) is used where the CPU lacks VNNI (`cpu_has_vnni`, said in one line).
-The metadata_props travel along, so `eval` / `predict` score the INT8 file like the FP32 one.
+`ops` "conv" runs only the convs in INT8 (activations float between them), "all" every op ONNX
+Runtime quantizes. `reduce_range` (7-bit weights) is used where the CPU lacks VNNI
+(`cpu_has_vnni`, said in one line). The metadata_props travel along, so `eval` / `predict` score
+the INT8 file like the FP32 one.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +125,25 @@ def float_nodes(model, keep_detect: bool = False) -> dict[str, list[str]]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet():
+    """quantize_static's advice to pre-process (root-logger warnings) and numpy's divide warnings
+    on the float tensors it computes ranges for and then leaves unquantized."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 class CalibrationReader:
-    """onnxruntime's CalibrationDataReader over a `Calibration`: one float [0, 1] batch per call."""
+    """onnxruntime's CalibrationDataReader over a `Calibration`: one float [0, 1] image per call
+    (equal shapes: the histogram methods stack them, and a short last batch breaks that)."""
 
     def __init__(self, calib: Calibration, input_name: str):
-        self._batches = [b[0] for b in calib.batches]
+        self._batches = [image[None] for b in calib.batches for image in b[0]]
         self._name = input_name
         self._next = 0
 
@@ -171,12 +189,13 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
     with tempfile.TemporaryDirectory(prefix="yolocompress-quant-") as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
         try:
-            q.quantize_static(
-                str(fp32), str(tmp_out), reader, quant_format=q.QuantFormat.QDQ,
-                per_channel=section.per_channel, reduce_range=reduce_range,
-                activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                nodes_to_exclude=floats["keep"], op_types_to_quantize=op_types,
-                calibrate_method=method, extra_options=extra)
+            with _quiet():
+                q.quantize_static(
+                    str(fp32), str(tmp_out), reader, quant_format=q.QuantFormat.QDQ,
+                    per_channel=section.per_channel, reduce_range=reduce_range,
+                    activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                    nodes_to_exclude=floats["keep"], op_types_to_quantize=op_types,
+                    calibrate_method=method, extra_options=extra)
         except (ValueError, RuntimeError) as e:
             raise YoloCompressError(f"{fp32}: ONNX Runtime cannot quantize it "
                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
@@ -186,7 +205,8 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
     with atomic_open(out, "wb") as f:
         f.write(int8.SerializeToString())
     return {"method": section.method, "calibration_images": calib.images,
-            "per_channel": section.per_channel, "ops": section.ops, "keep_float": section.keep_float,
-            "reduce_range": reduce_range, "reduce_range_why": why,
-            "float_nodes": len(floats["keep"]), "detect_convs": floats["detect"], "fp32_bytes": fp32.stat().st_size,
+            "per_channel": section.per_channel, "ops": section.ops,
+            "keep_float": section.keep_float, "reduce_range": reduce_range,
+            "reduce_range_why": why, "float_nodes": len(floats["keep"]),
+            "detect_convs": floats["detect"], "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": out.stat().st_size}
