@@ -372,7 +372,8 @@ class QuantizeConfig(_Section):
     # stage 4 (`yolocompress quantize`): ONNX Runtime static INT8 quantization (QDQ, uint8
     # activations, int8 weights) of the exported model
     calibration_images: int = 200         # training images the activation ranges are taken from
-    # how activation ranges are set from them: minmax | entropy (KL) | percentile (`percentile`)
+    # how activation ranges are set from them: minmax | entropy (KL; through quantize_static it
+    # has 128 bins for 128 levels, one candidate range: it equals minmax) | percentile
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = 99.999            # percentile method: the share of values inside the range
     per_channel: bool = True              # one weight scale per output channel (else per tensor)
