@@ -202,7 +202,9 @@ def markdown(res: dict) -> str:
                        + " | ".join(cells) + " |")
         la = o["load_average"]
         out += ["", f"ONNX Runtime {o['protocol']}, CPU provider, latency median of round "
-                    f"medians (min-max, speed-up vs FP32; fastest single pass); load average before "
+                    f"medians (min-max, speed-up vs FP32"
+                    f"{'; fastest single pass' if 'ms_min' in o['latency'][0] else ''}); load "
+                    f"average before "
                     f"{', '.join(f'{v:.1f}' for v in la['before'])}, after "
                     f"{', '.join(f'{v:.1f}' for v in la['after'])}. Quantization: "
                     f"{o['quantize']['method']}, {o['quantize']['calibration_images']} training "
