@@ -47,6 +47,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "PruneConfig",
+    "QuantizeConfig",
     "SparseConfig",
     "TrainConfig",
     "config_from_dict",
@@ -377,6 +378,31 @@ class DistillConfig(_Section):
 
 
 @dataclass(frozen=True)
+class QuantizeConfig(_Section):
+    # stage 4 (`yolocompress quantize`): ONNX Runtime static INT8 quantization (QDQ, uint8
+    # activations, int8 weights) of the exported model
+    calibration_images: int = 200         # training images the activation ranges are taken from
+    # how activation ranges are set from them: minmax | entropy (KL; through quantize_static it
+    # has 128 bins for 128 levels, one candidate range: it equals minmax) | percentile
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999            # percentile method: the share of values inside the range
+    per_channel: bool = True              # one weight scale per output channel (else per tensor)
+    # which ops run in INT8: "conv" = the convs (their inputs quantized, activations float between
+    # them); "all" = every op ONNX Runtime can quantize (the mish arithmetic too)
+    ops: Literal["conv", "all"] = "conv"
+    # what stays in float: "decode" = the box decode after the detection convs (quantizing it
+    # gives ~0 mAP); "detect" = that and the detection convs themselves
+    keep_float: Literal["decode", "detect"] = "decode"
+    # 7-bit weights against int16 saturation on CPUs without VNNI; null = on exactly there
+    reduce_range: Optional[bool] = None
+
+    def _validate(self) -> None:
+        _require(self.calibration_images >= 1, "calibration_images", "must be >= 1",
+                 self.calibration_images)
+        _require(50 < self.percentile < 100, "percentile", "must be in (50, 100)", self.percentile)
+
+
+@dataclass(frozen=True)
 class PipelineConfig(_Section):
     # an artifact `yolocompress pipeline` adopts as this experiment's baseline stage (copied into
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
@@ -424,6 +450,7 @@ class Config(_Section):
     sparse: SparseConfig = field(default_factory=SparseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config

@@ -4,6 +4,7 @@ ONNX: input `images` (B, 3, H, W) float RGB in [0, 1]; output `detections` (B, N
 [cx, cy, w, h, obj, class probs] in input pixels (the same rows as `models.yolo.decode`); BatchNorm
 folded into the convs; the class names, input size and letterbox flag in `metadata_props`
 (`onnx_backend.METADATA_KEYS`), so `predict` / `eval` run the file as they run the artifact.
+A maxpool with even padding is written as one MaxPool with `pads` (no Pad with -inf).
 
 Mish (`MISH_FORMS`): ONNX Runtime has no Mish kernel (it expands opset 18's `Mish` function into
 Softplus + Tanh + Mul, and its Softplus is scalar code: ~45 % of yolov4's time), so the default
@@ -30,6 +31,7 @@ from .errors import YoloCompressError
 from .fileio import atomic_open, refuse_overwrite
 from .models.cfg import write_cfg
 from .models.darknet import Darknet
+from .models.layers import MaxPoolLayer
 from .models.weights import save_darknet_weights
 from .models.yolo import decode
 from .onnx_backend import metadata_props, session
@@ -80,6 +82,17 @@ def _replace_mish(model: nn.Module, form: type[nn.Module]) -> nn.Module:
         for name, child in module.named_children():
             if isinstance(child, nn.Mish) and form is not nn.Mish:
                 setattr(module, name, form())
+    return model
+
+
+def _pooling_pads(model: nn.Module) -> nn.Module:
+    """Darknet maxpools with even total padding as one MaxPool with `pads` (same -inf padding),
+    not Pad(-inf) + MaxPool: no infinite constant in the graph for INT8 calibration to meet."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, MaxPoolLayer) and len(set(child.pad)) == 1 \
+                    and child.pad[0] <= child.size // 2:
+                setattr(module, name, nn.MaxPool2d(child.size, child.stride, child.pad[0]))
     return model
 
 
@@ -136,7 +149,7 @@ def export_onnx(art: dict, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_
     out = Path(out)
     refuse_overwrite([out], inputs)
     darknet = build_model(art)
-    model = DecodedModel(_replace_mish(darknet, form)).eval()
+    model = DecodedModel(_pooling_pads(_replace_mish(darknet, form))).eval()
     h, w = art["input_size"]
     dummy = torch.zeros(1, 3, h, w)
     buf = io.BytesIO()

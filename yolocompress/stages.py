@@ -169,6 +169,20 @@ register(Stage(
     config_help="experiment YAML (distill.epochs / distill.lr)", example="distill.epochs=10",
     options=(_STUDENT,), entry="yolocompress.compress.distill_stage:finetune_command",
     build="yolocompress.compress.distill_stage:build_finetune"))
+register(Stage(
+    "quantized", parents=None, section="quantize", reads=("model", "data", "quantize"),
+    command="quantize", help="stage 4: INT8 ONNX (ONNX Runtime static quantization) of a model",
+    config_help="experiment YAML (its training split and `quantize` section)",
+    example="quantize.method=percentile",
+    options=(Option(("--from",), {"dest": "from_artifact", "metavar": "MODEL",
+                                  "help": "artifact .pt (exported to ONNX first) or an exported "
+                                          ".onnx (default: runs/<name>/distilled/best.pt)"}),
+             Option(("--out",), {"help": "the INT8 model (default: runs/<name>/quantized/"
+                                         "model-int8.onnx)"}),
+             Option(("--fp32",), {"metavar": "PATH", "help": "also keep the FP32 export of an "
+                                                             "artifact here (default: model-fp32"
+                                                             ".onnx beside --out)"})),
+    entry="yolocompress.compress.quantize_stage:command"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,291 @@
+"""Stage 4 on one artifact (default: the demo's distilled model): FP32 ONNX vs INT8 ONNX (mAP by
+`yolocompress eval` on each .onnx, size, ONNX Runtime latency at batch 1 and 8 side by side),
+the calibration methods x what stays float (and the naive all-INT8 control), weight sharing at b bits and global unstructured
+magnitude pruning (mAP of the PyTorch model, size of the compact file on disk).
+
+Everything is made afresh in a temp folder (export, quantization, clustering): nothing stale is
+reused. Parts (`--parts`): onnx (the FP32 / INT8 pair: mAP, size, latency; `--speed-only`
+times them without scoring), methods, naive, sharing, unstructured. Latency protocol as
+bench/bench_speed.py: per model `--warmup` untimed then `--iters` timed passes of one fixed
+random batch, median; the models interleaved for `--rounds` rounds; load average recorded.
+`--write` merges each part, as it finishes, into docs/bench/quantize.json and rewrites the
+BENCHMARKS.md section from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from yolocompress.artifacts import build_model, load_artifact
+from yolocompress.benchmarks import BENCHMARKS_MD, machine, run_script, write_result
+from yolocompress.cli import main as cli
+from yolocompress.compress.compact import save_compact
+from yolocompress.compress.quantize_stage import quantize_model
+from yolocompress.compress.unstructured import magnitude_prune
+from yolocompress.compress.weight_sharing import share_weights
+from yolocompress.config import load_config
+from yolocompress.data.descriptor import load_descriptor, load_split
+from yolocompress.eval.evaluate import ModelEvaluator, evaluate_model
+from yolocompress.eval.speed import measure_latency_onnx
+from yolocompress.fileio import atomic_open
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Stage 4: INT8 quantization, weight sharing, unstructured pruning"
+FINDINGS = """\
+Reading it: the INT8 model keeps the box decode (and with keep_float "detect" the detection
+convs) in float; the naive control quantizes everything and loses about a third of the mAP (its
+final Concat puts pixel boxes and probabilities in one 8-bit range). Through `quantize_static`
+the entropy method has 128 histogram bins for 128 levels, so its KL search has one candidate (the
+full range) and it equals MinMax to the last digit; percentile (99.999) is within noise of it.
+Latency on this shared 2-core machine swings by 2-3x between rounds (see the min-max spread and
+the load average): it says little at batch 1; re-run `--parts onnx` on a quiet machine for the
+acceptance figure. A weight-shared or unstructured-pruned model runs as the FP32 model does (its
+weights are decoded to float32 dense tensors), so it has FP32's latency: those rows are size and
+mAP only."""
+
+PARTS = ("onnx", "methods", "naive", "sharing", "unstructured")
+
+
+def _eval_onnx(path: Path, data: Path, threads: int, out: Path) -> dict:
+    """mAP of an .onnx through the `yolocompress eval` command itself."""
+    if cli(["eval", str(path), "--data", str(data), "--threads", str(threads), "--workers", "2",
+            "--json", str(out)]) != 0:
+        raise SystemExit(f"eval of {path} failed")
+    res = json.loads(out.read_text())
+    return {"map50_voc07": res["map50_voc07"], "map50_all": res["map50_all"]}
+
+
+def _eval_art(art: dict, config, desc, records) -> dict:
+    model = build_model(art)
+    res = evaluate_model(model, records, ModelEvaluator.from_config(config, desc.names,
+                                                                    model.letterbox),
+                         progress=False)
+    return {"map50_voc07": res["map50_voc07"], "map50_all": res["map50_all"]}
+
+
+def _quantize(config, artifact: Path, tmp: Path, name: str, fp32: Path | None = None,
+              overrides: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    cfg = load_config(config.source, list(overrides))
+    out = tmp / f"{name}.onnx"
+    rec = quantize_model(cfg, fp32 or artifact, out, None if fp32 else tmp / "fp32.onnx")
+    return out, rec
+
+
+def part_onnx(config, artifact, tmp, args, data) -> dict:
+    int8, rec = _quantize(config, artifact, tmp, "int8")
+    fp32 = tmp / "fp32.onnx"
+    models = {"fp32": fp32, "int8": int8}
+    out = {"quantize": {k: v for k, v in rec.items() if k != "detect_convs"},
+           "models": {k: {"size_bytes": p.stat().st_size} for k, p in models.items()}}
+    if not args.speed_only:
+        for k, p in models.items():
+            out["models"][k].update(_eval_onnx(p, data, args.threads, tmp / f"{k}.json"))
+    size = tuple(load_artifact(artifact)["input_size"])
+    load = {"before": os.getloadavg()}
+    times: dict[tuple[str, int], list[float]] = {}
+    best: dict[tuple[str, int], float] = {}     # fastest single pass: least hit by other load
+    for r in range(args.rounds):
+        for batch in args.batches:
+            for k, p in models.items():
+                res = measure_latency_onnx(p, size, batch, args.warmup, args.iters, args.threads)
+                times.setdefault((k, batch), []).append(res["ms_median"])
+                best[(k, batch)] = min(best.get((k, batch), res["ms_min"]), res["ms_min"])
+                print(f"round {r} batch {batch} {k}: {res['ms_median']:.1f} ms", flush=True)
+    load["after"] = os.getloadavg()
+    out["latency"] = [{"model": k, "batch": b, "threads": args.threads, "backend": "onnxruntime",
+                       "ms": statistics.median(m), "ms_lo": min(m), "ms_hi": max(m),
+                       "ms_min": best[(k, b)], "rounds": len(m)} for (k, b), m in times.items()]
+    out["load_average"] = load
+    out["protocol"] = {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds}
+    return out
+
+
+def part_methods(config, artifact, tmp, args, data) -> list[dict]:
+    fp32 = tmp / "fp32.onnx"
+    if not fp32.is_file():
+        _quantize(config, artifact, tmp, "int8")
+    rows = []
+    arms = [(m, k, "conv", True) for m in ("minmax", "entropy", "percentile")
+            for k in ("decode", "detect")]
+    arms += [("minmax", "decode", "conv", False), ("minmax", "decode", "all", True)]
+    for method, keep, ops, per_channel in arms:
+        path, rec = _quantize(config, artifact, tmp, f"{method}-{keep}-{ops}-{per_channel}", fp32,
+                              (f"quantize.method={method}", f"quantize.keep_float={keep}",
+                               f"quantize.ops={ops}", f"quantize.per_channel={per_channel}"))
+        rows.append({"method": method, "keep_float": keep, "ops": ops, "per_channel": per_channel,
+                     "calibration_images": rec["calibration_images"],
+                     "size_bytes": path.stat().st_size,
+                     **_eval_onnx(path, data, args.threads, tmp / "m.json")})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_naive(config, artifact, tmp, args, data) -> dict:
+    """The known trap: quantize_static on everything, the decode included (a control)."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    from yolocompress.compress.quantize import CalibrationReader
+    from yolocompress.compress.recalibrate import Calibration
+
+    fp32 = tmp / "fp32.onnx"
+    if not fp32.is_file():
+        _quantize(config, artifact, tmp, "int8")
+    records = load_split(load_descriptor(data), "train")
+    calib = Calibration.from_records(records, config.quantize.calibration_images,
+                                     config.model.img_size, build_model(
+                                         load_artifact(artifact)).letterbox)
+    out = tmp / "naive.onnx"
+    q.quantize_static(str(fp32), str(out), CalibrationReader(calib, "images"),
+                      quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    model = onnx.load(str(out))
+    onnx.helper.set_model_props(model, {p.key: p.value for p in onnx.load(str(fp32)).metadata_props})
+    onnx.save(model, str(out))
+    return {"what": "every op quantized, the decode included", "method": "minmax",
+            "calibration_images": calib.images, **_eval_onnx(out, data, args.threads,
+                                                             tmp / "naive.json")}
+
+
+def part_sharing(config, artifact, tmp, args, data, desc, records) -> list[dict]:
+    art = load_artifact(artifact)
+    rows = [{"bits": None, "size_bytes": artifact.stat().st_size, **_eval_art(art, config, desc,
+                                                                             records)}]
+    for bits in args.bits:
+        shared, encoded = share_weights(art, bits)
+        size = save_compact(shared, encoded, tmp / f"shared{bits}.pt")
+        rows.append({"bits": bits, "size_bytes": size,
+                     **_eval_art(shared, config, desc, records)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_unstructured(config, artifact, tmp, args, data, desc, records) -> list[dict]:
+    art = load_artifact(artifact)
+    rows = []
+    for share in args.shares:
+        pruned, encoded = magnitude_prune(art, share)
+        size = save_compact(pruned, encoded, tmp / f"sparse{share}.pt")
+        rows.append({"share": share, "size_bytes": size,
+                     **_eval_art(pruned, config, desc, records)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2 ** 20:.2f} MiB"
+
+
+def markdown(res: dict) -> str:
+    out = []
+    if "onnx" in res:
+        o = res["onnx"]
+        lat = {(r["model"], r["batch"]): r for r in o["latency"]}
+        out += ["| model | mAP@0.5 VOC07 | all-point | size | " + " | ".join(
+            f"ms b{b} ({lat[('fp32', b)]['threads']} thr)" for b in sorted({b for _, b in lat}))
+                + " |", "|---|---:|---:|---:|" + "---:|" * len({b for _, b in lat})]
+        for k, m in o["models"].items():
+            cells = [f"{lat[(k, b)]['ms']:.1f} ({lat[(k, b)]['ms_lo']:.1f}-"
+                     f"{lat[(k, b)]['ms_hi']:.1f}, {lat[('fp32', b)]['ms'] / lat[(k, b)]['ms']:.2f}x)"
+                     + (f"; fastest {lat[(k, b)]['ms_min']:.1f} "
+                        f"({lat[('fp32', b)]['ms_min'] / lat[(k, b)]['ms_min']:.2f}x)"
+                        if "ms_min" in lat[(k, b)] else "")
+                     for b in sorted({b for _, b in lat})]
+            out.append(f"| {k.upper()} ONNX | {m.get('map50_voc07', float('nan')):.4f} | "
+                       f"{m.get('map50_all', float('nan')):.4f} | {_mib(m['size_bytes'])} | "
+                       + " | ".join(cells) + " |")
+        la = o["load_average"]
+        out += ["", f"ONNX Runtime {o['protocol']}, CPU provider, latency median of round "
+                    f"medians (min-max, speed-up vs FP32"
+                    f"{'; fastest single pass' if 'ms_min' in o['latency'][0] else ''}); load "
+                    f"average before "
+                    f"{', '.join(f'{v:.1f}' for v in la['before'])}, after "
+                    f"{', '.join(f'{v:.1f}' for v in la['after'])}. Quantization: "
+                    f"{o['quantize']['method']}, {o['quantize']['calibration_images']} training "
+                    f"images, keep_float {o['quantize']['keep_float']}, INT8 ops "
+                    f"{o['quantize']['ops']}, per-channel "
+                    f"{o['quantize']['per_channel']}; {o['quantize']['reduce_range_why']}.", ""]
+    if "methods" in res:
+        out += ["| calibration | kept in float | INT8 ops | per-channel | mAP@0.5 VOC07 | "
+                "all-point |", "|---|---|---|---|---:|---:|"]
+        out += [f"| {r['method']} | {r['keep_float']} | {r['ops']} | {r['per_channel']} | "
+                f"{r['map50_voc07']:.4f} | {r['map50_all']:.4f} |" for r in res["methods"]] + [""]
+    if "naive" in res:
+        n = res["naive"]
+        out += [f"Control, {n['what']} ({n['method']}, {n['calibration_images']} images): "
+                f"mAP@0.5 VOC07 {n['map50_voc07']:.4f}, all-point {n['map50_all']:.4f}.", ""]
+    if "sharing" in res:
+        out += ["| weight sharing | mAP@0.5 VOC07 | all-point | size on disk |",
+                "|---|---:|---:|---:|"]
+        out += [f"| {'none (artifact .pt)' if r['bits'] is None else str(r['bits']) + ' bits'} | "
+                f"{r['map50_voc07']:.4f} | {r['map50_all']:.4f} | {_mib(r['size_bytes'])} |"
+                for r in res["sharing"]] + [""]
+    if "unstructured" in res:
+        out += ["| unstructured L1, share of conv weights zeroed | mAP@0.5 VOC07 | all-point | "
+                "size on disk (sparse) |", "|---:|---:|---:|---:|"]
+        out += [f"| {r['share']:.0%} | {r['map50_voc07']:.4f} | {r['map50_all']:.4f} | "
+                f"{_mib(r['size_bytes'])} |" for r in res["unstructured"]]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", type=Path,
+                    default=Path("/tmp/ci/main/runs/demo/distilled/best.pt"))
+    ap.add_argument("--config", type=Path, default=ROOT / "cfg" / "experiments" / "demo.yaml")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--speed-only", action="store_true", help="onnx part: latency, no mAP")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6, 7, 8])
+    ap.add_argument("--shares", type=float, nargs="+",
+                    default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "quantize.json")
+    ap.add_argument("--markdown", type=Path, default=BENCHMARKS_MD)
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the BENCHMARKS.md section from the JSON file")
+    args = ap.parse_args()
+    config = load_config(args.config)
+    data = config.require_file("data.descriptor")
+    if args.render:
+        _write(args, data, {})
+        return
+    desc = load_descriptor(data)
+    records = load_split(desc, "val")
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as t:
+        tmp = Path(t)
+        for part in args.parts:
+            extra = (desc, records) if part in ("sharing", "unstructured") else ()
+            res[part] = globals()[f"part_{part}"](config, args.artifact, tmp, args, data, *extra)
+            if args.write:      # each part as it finishes
+                _write(args, data, {part: res[part]})
+    print(markdown(res))
+
+
+def _write(args, data: Path, res: dict) -> None:
+    """Merge `res` into the JSON file and rewrite the BENCHMARKS.md section from all of it."""
+    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    old.update({"artifact": str(args.artifact), "machine": machine("onnxruntime", "torch"), **res})
+    commands = old.setdefault("commands", {})       # part -> the command that measured it
+    commands.update({part: shlex.join(["python", *sys.argv]) for part in res})
+    with atomic_open(args.json, "w", encoding="utf-8") as f:
+        json.dump(old, f, indent=1)
+    write_result(SECTION, f"{args.artifact}, val split of {data.name} (200 images); rows in "
+                          f"docs/bench/quantize.json", machine("onnxruntime", "torch"),
+                 f"{markdown(old)}\n\n{FINDINGS}", args.markdown,
+                 command="`; `".join(dict.fromkeys(commands[p] for p in PARTS if p in commands)))
+
+
+if __name__ == "__main__":
+    run_script(main)
