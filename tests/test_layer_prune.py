@@ -1,5 +1,5 @@
 """Layer pruning: residual units found from the graph, removed equals masked, index remapping by
-hand, cfg and .weights round trips, unit scores, errors."""
+hand, cfg and .weights round trips, unit scores (|gamma| and calibration loss), errors."""
 import pytest
 import torch
 
@@ -7,6 +7,8 @@ from yolocompress.compress.layer_prune import (ResidualUnit, index_map, least_im
                                                masked_units_state, remove_units, residual_units,
                                                unit_scores, units_from_record, units_record)
 from yolocompress.compress.prune import masked_model_state, prune, prune_record, replay
+from yolocompress.compress.prune_search import Calibrated
+from yolocompress.compress.recalibrate import Calibration, calib_loss, recalibrate_bn
 from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import parse_cfg, read_cfg, write_cfg
 from yolocompress.models.darknet import Darknet
@@ -216,3 +218,19 @@ def test_layer_pruning_errors():
     no_bn = _cfg(_conv(8) + _conv(8) + _conv(8, bn=0) + "[shortcut]\nfrom=-3\n" + _HEAD)
     with pytest.raises(YoloCompressError, match="has no BN gamma to rank its residual unit"):
         unit_scores(no_bn, Darknet(no_bn).state_dict(), residual_units(no_bn))
+
+
+def test_unit_losses_score_a_unit_that_adds_nothing_as_the_full_model():
+    blocks = read_cfg(cfg_path("yolov4-nano"))
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+    targets = torch.tensor([[0, 1, 10.0, 10, 30, 40], [1, 0, 20, 30, 50, 60]])   # xyxy px
+    cal = Calibrated(None, Calibration(((images, targets),)))
+    units = residual_units(blocks)
+    sd = masked_units_state(blocks, _live_state(blocks), units[2:3])    # unit 2 adds 0
+    losses = cal.unit_losses(blocks, sd, units)
+    model = Darknet(blocks)
+    model.load_state_dict(sd)
+    full = calib_loss(recalibrate_bn(model, cal.search), cal.search)
+    assert losses[2] == pytest.approx(full, rel=1e-5)
+    assert all(abs(v - full) > 1e-4 * full for i, v in enumerate(losses) if i != 2)

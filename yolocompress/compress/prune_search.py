@@ -4,6 +4,7 @@
     cal = Calibrated.from_config(config, train_records, letterbox)
     importance = cal.importance(model, name, seed)     # BN-Taylor takes its gradients here
     score = cal.score(blocks, state, compensate)       # keep -> calibration loss, recalibrated
+    losses = cal.unit_losses(blocks, state, units)     # per residual unit removed alone
     pruned = cal.prune_to_budget(model, config, importance, allocation, ratio, compensate)
 
 `cal.full` holds `prune.recalibrate` training images (what every pruned model is recalibrated on),
@@ -16,12 +17,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..config import Config
 from ..data.records import Record
 from ..models.darknet import Darknet
 from .graph import analyze
 from .importance import NEEDS_GRADIENTS, Importance, get_importance
+from .layer_prune import ResidualUnit, remove_units
 from .groups import GROUPINGS, group_layers
 from .prune import find_percents_for_budget, prune
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
@@ -70,6 +73,17 @@ class Calibrated:
             m = build_pruned(blocks, state, keep, compensate, device)
             return calib_loss(recalibrate_bn(m, self.search), self.search)
         return loss
+
+    def unit_losses(self, blocks, state, units: Sequence[ResidualUnit]) -> list[float]:
+        """Per residual unit: the calibration loss of the model with that unit alone removed,
+        recalibrated on `search` (layer pruning's `loss` importance; lower = less needed)."""
+        out = []
+        for u in tqdm(units, desc="unit losses", leave=False):
+            new_blocks, new_state = remove_units(blocks, state, [u])
+            m = Darknet(new_blocks)
+            m.load_state_dict(new_state, strict=True)
+            out.append(calib_loss(recalibrate_bn(m, self.search), self.search))
+        return out
 
     def prune_to_budget(self, model: Darknet, config: Config, importance: str, allocation: str,
                         ratio: float, compensate: bool, metric: str = "flops") -> Darknet:
