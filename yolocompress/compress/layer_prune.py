@@ -32,7 +32,8 @@ from ..models.shapes import layer_shapes
 from .importance import state_of
 
 __all__ = ["ResidualUnit", "residual_units", "unit_scores", "least_important",
-           "masked_units_state", "remove_units", "index_map", "units_record", "units_from_record"]
+           "masked_units_state", "remove_units", "index_map", "source_names", "units_record",
+           "units_from_record"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,21 @@ def remove_units(blocks: list[Block], state, units: Sequence[ResidualUnit]
         if int(idx) not in removed:
             new_state[f"layers.{new[int(idx)]}.{name}"] = v.detach().clone()
     return out, new_state
+
+
+def source_names(blocks: list[Block], units: Sequence[ResidualUnit], names: Sequence[str]
+                 ) -> list[str]:
+    """The names in `blocks` of the layers that `names` name in the cfg without `units`."""
+    units = _checked(blocks, units)
+    removed = {j for u in units for j in u.layers}
+    infos = describe_layers(blocks)
+    kept = [i for i in range(len(infos)) if i not in removed]
+    by_new = {f"{kind_of(blocks[i + 1]).short}{k}": infos[i].name for k, i in enumerate(kept)}
+    missing = [n for n in names if n not in by_new]
+    if missing:
+        raise YoloCompressError(f"{blocks[0].source}: no layer {missing[0]!r} in the cfg without "
+                                f"its residual units ({len(kept)} layers)")
+    return [by_new[n] for n in names]
 
 
 def units_record(blocks: list[Block], units: Sequence[ResidualUnit],
