@@ -271,6 +271,15 @@ def test_layer_pruning_alone_and_by_calibration_loss(mini, tmp_path):
     assert write_cfg(parse_cfg(art["cfg"])) == write_cfg(remove_units(blocks, src["state_dict"],
                                                                       unit)[0])
     assert _replays(src, art, compensate=False)
+    # the ordinary export path writes it as a Darknet cfg + weights that import back identical
+    stem = tmp_path / "slim"
+    assert main(["export", str(out), "--format", "darknet", "--out", str(stem)]) == 0
+    assert main(["import-darknet", str(stem.with_suffix(".cfg")), str(stem.with_suffix(".weights")),
+                 "--classes", "6", "--out", str(tmp_path / "back.pt")]) == 0
+    back = load_artifact(tmp_path / "back.pt")
+    assert [b.type for b in parse_cfg(back["cfg"])] == [b.type for b in parse_cfg(art["cfg"])]
+    assert all(torch.equal(art["state_dict"][k], v) for k, v in back["state_dict"].items()
+               if v.is_floating_point())
 
 
 def test_layer_pruning_errors(mini, capsys):
