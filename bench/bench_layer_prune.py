@@ -9,7 +9,9 @@ Arms: for each N, "layers" (no channel pruning: prune.percents=[0], no budget) a
 channels" (the config's prune section, e.g. the demo's 50 % params budget, which then counts the
 units' params). Each pruned model is exported to ONNX (export_onnx's defaults) and timed in ONNX
 Runtime at batch 1 with --threads intra-op threads, all arms in --rounds interleaved rounds (the
-row keeps the median over rounds of each round's median), `uptime` recorded before and after.
+row keeps the median over rounds of each round's median), `uptime` recorded before and after;
+latency_reduction is against the run's own unpruned row. Rows of another
+`prune.layer_importance` already in --json are kept ("runs" holds each run's command, latency).
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
             path = export_onnx(artifact_from_model(pruned, "pruned", list(data.names),
                                                    input_size=[size, size]),
                                onnx_dir / f"{n}-{arm.replace(' + ', '-')}.onnx")
-            row = {"arm": arm, "layers": n, "units": [u["shortcut"] for u in units],
+            row = {"arm": arm, "layers": n, "layer_importance": config.prune.layer_importance,
+                   "units": [u["shortcut"] for u in units],
                    "budget": None if budget is None else {k: budget[k] for k in
                                                           ("metric", "target", "reduction")},
                    "map50_voc07": score(pruned)["map50_voc07"], "params": prof["params"],
@@ -113,8 +116,17 @@ def main(argv=None) -> int:
                                     if row["flops_reduction"] else None)
         del row["onnx"]
         print(json.dumps(row), flush=True)
-    doc["rows"] = rows
     out = Path(args.json)
+    importance = config.prune.layer_importance
+    doc["rows"], doc["runs"] = rows, {importance: {k: doc[k] for k in ("command", "latency")}}
+    if out.exists():            # rows of another layer_importance stay, with their own run's info
+        old = json.loads(out.read_text())
+        for r in old["rows"]:   # files written before rows named their importance: the default
+            r.setdefault("layer_importance", "bn_gamma_mean")
+        runs = old.get("runs") or {old["rows"][0]["layer_importance"]:
+                                   {k: old[k] for k in ("command", "latency")}}
+        doc["rows"] = [r for r in old["rows"] if r["layer_importance"] != importance] + rows
+        doc["runs"] = {**{k: v for k, v in runs.items() if k != importance}, **doc["runs"]}
     with atomic_open(out, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     return 0

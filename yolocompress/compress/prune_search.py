@@ -23,9 +23,9 @@ from ..config import Config
 from ..data.records import Record
 from ..models.darknet import Darknet
 from .graph import analyze
+from .groups import GROUPINGS, group_layers
 from .importance import NEEDS_GRADIENTS, Importance, get_importance
 from .layer_prune import ResidualUnit, remove_units
-from .groups import GROUPINGS, group_layers
 from .prune import find_percents_for_budget, prune
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
 
