@@ -17,6 +17,8 @@ from yolocompress.compress.distill import (DEFAULT_BETAS, DistillCriterion, Dist
                                            bounded_box_kd,
                                            default_distill_layers, logit_kd, match_layers,
                                            ref_positions, resolve_layers)
+from yolocompress.compress.layer_prune import (masked_units_state, remove_units, residual_units,
+                                               source_names)
 from yolocompress.compress.prune import make_masks, prune
 from yolocompress.errors import YoloCompressError
 from yolocompress.models.cfg import read_cfg
@@ -217,6 +219,29 @@ def test_pruned_nano_matches_the_teacher_layer_by_layer(pair):
     with pytest.raises(YoloCompressError, match="layer 'conv0' is a stride-1 convolutional in "
                                                 "the teacher but a stride-2 convolutional"):
         match_layers(teacher, other, ["conv0"])
+
+
+def test_layer_pruned_student_is_matched_to_the_teacher_layers_by_source_name():
+    blocks = read_cfg(cfg_path("yolov4-nano"))
+    teacher = Darknet(blocks)
+    units = residual_units(blocks)[:2]             # shortcut7 and shortcut17: names shift by 6
+    # the teacher with the units' branches zeroed equals the student without them
+    teacher.load_state_dict(masked_units_state(blocks, teacher.state_dict(), units))
+    s_blocks, s_state = remove_units(blocks, teacher.state_dict(), units)
+    student = Darknet(s_blocks)
+    student.load_state_dict(s_state)
+    names = _names(student)
+    t_names = source_names(blocks, units, names)
+    assert t_names == _names(teacher) and names[:2] == ["conv7", "conv14"] \
+        and t_names[:2] == ["conv10", "conv20"]
+    assert [i.name for i in match_layers(teacher, student, names, t_names)] == names
+    batch = (_images(2), _targets(2), None)
+    terms = DistillCriterion(detection_criterion(YoloLoss(teacher.heads)), teacher, names,
+                             [1e6] * len(names), teacher_layers=t_names)(student.train(), batch)
+    assert terms["at"].item() == pytest.approx(0.0, abs=1e-6)
+    # by the student's names alone: the teacher's layer 7 is shortcut7
+    with pytest.raises(YoloCompressError, match="layer 'conv7' is not in the teacher"):
+        match_layers(teacher, student, names)
 
 
 def _criterion(teacher, names, **kw):

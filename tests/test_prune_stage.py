@@ -12,6 +12,7 @@ import torch
 from yolocompress.artifacts import (artifact_from_model, build_model, file_sha256,
                                     load_artifact, save_artifact)
 from yolocompress.cli import main
+from yolocompress.compress.layer_prune import remove_units, residual_units, units_from_record
 from yolocompress.compress.prune import replay
 from yolocompress.compress.recalibrate import Calibration, recalibrate_bn
 from yolocompress.config import load_config
@@ -240,6 +241,78 @@ def test_prune_command_errors(mini, capsys):
     ]
     for args, msg in cases:     # --force: past the complete stage of the first test
         assert _prune(mini, "--latency-iters", "0", "--force", *args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
+
+
+def test_layer_pruning_with_a_flops_budget_end_to_end(mini, tmp_path, capsys):
+    out = tmp_path / "layers.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
+                  "0", "prune.layers=2", "prune.budget_target=flops",
+                  "prune.budget_ratio=0.3") == 0
+    printed = capsys.readouterr().out
+    src, art = load_artifact(mini / "sparse.pt"), load_artifact(out)
+    src_blocks, blocks = parse_cfg(src["cfg"]), parse_cfg(art["cfg"])
+    rec = art["prune"]
+    # the two units of lowest mean |gamma| of the conv before the shortcut, by hand
+    nano = residual_units(src_blocks)
+    means = [float(src["state_dict"][f"layers.{u.last_conv}.bn.weight"].abs().mean())
+             for u in nano]
+    lowest = sorted(sorted(range(len(nano)), key=means.__getitem__)[:2])
+    assert [u["shortcut"] for u in rec["units"]] == [f"shortcut{nano[i].shortcut}" for i in lowest]
+    assert [u["score"] for u in rec["units"]] == pytest.approx([means[i] for i in lowest])
+    assert rec["settings"]["layers"] == 2 and rec["settings"]["layer_importance"] == "bn_gamma_mean"
+    assert len(blocks) == len(src_blocks) - 6
+    assert sum(b.type == "shortcut" for b in blocks) == sum(b.type == "shortcut"
+                                                            for b in src_blocks) - 2
+    # the budget is the source's: the units' FLOPs count toward it
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    reached = 1 - metrics["after"]["flops"] / metrics["before"]["flops"]
+    assert 0.3 <= reached <= 0.31 and rec["budget"]["reduction"] == pytest.approx(reached)
+    assert rec["budget"]["channel_target"] < 0.3
+    assert metrics["before"]["layers"] == len(src_blocks) - 1 and metrics["units"] == rec["units"]
+    assert _replays(src, art, compensate=False)
+    assert "removed 2 residual units: " + rec["units"][0]["shortcut"] in printed
+    assert "layers (residual units removed)" in printed
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"| {u['shortcut']} | {u['input']} | {', '.join(u['convs'])} |" in report
+               for u in rec["units"])
+
+
+def test_layer_pruning_alone_and_by_calibration_loss(mini, tmp_path):
+    out = tmp_path / "alone.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
+                  "0", "prune.layers=1", "prune.percents=[0]", "prune.budget_target=null",
+                  "prune.layer_importance=loss") == 0
+    src, art = load_artifact(mini / "sparse.pt"), load_artifact(out)
+    rec = art["prune"]
+    assert rec["settings"]["layer_importance"] == "loss" and len(rec["units"]) == 1
+    assert rec["units"][0]["score"] > 0
+    # no channel pruned: the cfg is the source's without the unit's sections
+    blocks = parse_cfg(src["cfg"])
+    unit = units_from_record(blocks, rec["units"])
+    assert write_cfg(parse_cfg(art["cfg"])) == write_cfg(remove_units(blocks, src["state_dict"],
+                                                                      unit)[0])
+    assert _replays(src, art, compensate=False)
+    # the ordinary export path writes it as a Darknet cfg + weights that import back identical
+    stem = tmp_path / "slim"
+    assert main(["export", str(out), "--format", "darknet", "--out", str(stem)]) == 0
+    assert main(["import-darknet", str(stem.with_suffix(".cfg")), str(stem.with_suffix(".weights")),
+                 "--classes", "6", "--out", str(tmp_path / "back.pt")]) == 0
+    back = load_artifact(tmp_path / "back.pt")
+    assert [b.type for b in parse_cfg(back["cfg"])] == [b.type for b in parse_cfg(art["cfg"])]
+    assert all(torch.equal(art["state_dict"][k], v) for k, v in back["state_dict"].items()
+               if v.is_floating_point())
+
+
+def test_layer_pruning_errors(mini, capsys):
+    cases = [(["prune.layers=8"], "prune.layers=8, but the cfg has only 7 removable residual"),
+             (["prune.layers=-1"], "prune.layers: must be >= 0"),
+             (["prune.layers=7", "prune.budget_target=params", "prune.budget_ratio=0.01"],
+              "prune.layers=7 alone removes")]
+    for args, msg in cases:
+        assert _prune(mini, "--from", str(mini / "sparse.pt"), "--latency-iters", "0",
+                      "--force", *args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
 

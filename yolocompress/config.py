@@ -320,6 +320,12 @@ class PruneConfig(_Section):
     # model are re-estimated on before it is scored or saved; 0 = keep the stored statistics
     recalibrate: int = 400
     search_images: int = 64               # the first of those: candidates' scores, BN-Taylor
+    # layer pruning (compress/layer_prune.py), before the channels: remove this many residual
+    # units (a [shortcut] and the convs feeding only it); 0 = off. A budget counts what they remove
+    layers: int = 0
+    # which units: lowest mean |BN gamma| of the conv before the shortcut (tanluren) | lowest
+    # calibration loss with the unit removed (recalibrated on search_images; one model per unit)
+    layer_importance: Literal["bn_gamma_mean", "loss"] = "bn_gamma_mean"
 
     def _validate(self) -> None:
         _require(len(self.percents) >= 1 and all(0 <= p <= 1 for p in self.percents), "percents",
@@ -331,11 +337,15 @@ class PruneConfig(_Section):
         _require(0 < self.score_step < 1, "score_step", "must be in (0, 1)", self.score_step)
         _require(self.recalibrate >= 0, "recalibrate", "must be >= 0", self.recalibrate)
         _require(self.search_images >= 1, "search_images", "must be >= 1", self.search_images)
+        _require(self.layers >= 0, "layers", "must be >= 0", self.layers)
         _require(self.search_rounds >= 1, "search_rounds", "must be >= 1", self.search_rounds)
         _require(self.allocation == "importance" or self.budget_method != "scale", "allocation",
                  f"'{self.allocation}' needs budget_method greedy or evolve", self.allocation)
         _require(self.allocation != "importance" or self.budget_method != "evolve",
                  "budget_method", "'evolve' needs allocation loss or map", self.budget_method)
+        _require(self.layers == 0 or self.budget_target != "latency", "layers",
+                 "layer pruning with a latency budget is not supported (the latency table is "
+                 "of the unpruned cfg's layers)", self.layers)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,9 @@ def prune_summary_rows(metrics: Mapping) -> list[tuple[str, str, str, str]]:
     rows = [("params", f"{b['params']:,}", f"{a['params']:,}", _change(b["params"], a["params"])),
             ("BFLOPs", f"{b['flops'] / 1e9:.3f}", f"{a['flops'] / 1e9:.3f}",
              _change(b["flops"], a["flops"]))]
+    if metrics.get("units"):
+        rows.append(("layers (residual units removed)", str(b["layers"]), str(a["layers"]),
+                     f"-{len(metrics['units'])} units"))
     if key in b:
         comp = metrics["compensation"]
         on = "on" if metrics["settings"]["compensate"] else "off"
@@ -144,6 +147,15 @@ def prune_report_markdown(metrics: Mapping, plots: Mapping[str, str] | None = No
         lines += ["", f"Budget mode: remove {budget['target']:.1%} of the {budget['metric']} "
                       f"({budget['method']}); reached {budget['reduction']:.2%} after "
                       f"{budget['evaluations']} cost evaluations."]
+    units = metrics.get("units") or []
+    if units:
+        lines += ["", f"Layer pruning: {len(units)} residual units removed before the channels "
+                      f"(lowest {s.get('layer_importance', 'bn_gamma_mean')} first); layer "
+                      "names below are the pruned cfg's, these the source's:", ""]
+        lines += _table(("shortcut", "input", "convs", "stride", "part", "score"),
+                        [(u["shortcut"], u["input"], ", ".join(u["convs"]), u["stride"],
+                          u["part"], "-" if u["score"] is None else f"{u['score']:.4g}")
+                         for u in units], "lllrlr")
     lines += ["", "## Summary", ""]
     lines += _table(("", "before", "after", "change"), prune_summary_rows(metrics), "lrrr")
     lines += ["", "## Groups", ""]

@@ -158,19 +158,22 @@ def resolve_layers(blocks: list[Block], names: Sequence[str] = (), betas: Sequen
             for k, n in enumerate(names)]
 
 
-def match_layers(teacher: Darknet, student: Darknet, names: Sequence[str]) -> list[LayerInfo]:
+def match_layers(teacher: Darknet, student: Darknet, names: Sequence[str],
+                 teacher_names: Sequence[str] | None = None) -> list[LayerInfo]:
     """The student's LayerInfo of each name, after checking that the teacher has the same layer
-    (same kind and stride): the student must be a channel-pruned copy of the teacher."""
+    (same kind and stride; named `teacher_names` there, default the same names, e.g. where
+    layer pruning removed units: compress.layer_prune.source_names): the student must be a pruned
+    copy of the teacher."""
     t_infos = {i.name: i for i in teacher.infos}
     s_infos = {i.name: i for i in student.infos}
     out = []
-    for n in names:
-        for who, infos in (("teacher", t_infos), ("student", s_infos)):
-            if n not in infos:
-                raise YoloCompressError(f"distill: layer '{n}' is not in the {who} "
+    for n, tn in zip(names, names if teacher_names is None else teacher_names):
+        for who, infos, name in (("teacher", t_infos, tn), ("student", s_infos, n)):
+            if name not in infos:
+                raise YoloCompressError(f"distill: layer '{name}' is not in the {who} "
                                         f"({len(infos)} layers); the student must be a pruned "
                                         f"copy of the teacher")
-        t, s = t_infos[n], s_infos[n]
+        t, s = t_infos[tn], s_infos[n]
         if (t.kind, t.stride) != (s.kind, s.stride):
             raise YoloCompressError(f"distill: layer '{n}' is a stride-{t.stride} {t.kind} in the "
                                     f"teacher but a stride-{s.stride} {s.kind} in the student")
@@ -293,7 +296,8 @@ class DistillCriterion:
                  layers: Sequence[str], betas: Sequence[float], *, p: float = 2.0,
                  fg_mask: bool = False, output_kd: float | None = None,
                  kd_temperature: float = 1.0, teacher_bn: str = "batch",
-                 box_kd: float = 0.0, box_kd_margin: float = 0.0) -> None:
+                 box_kd: float = 0.0, box_kd_margin: float = 0.0,
+                 teacher_layers: Sequence[str] | None = None) -> None:
         if not layers:
             raise YoloCompressError("distill: no layers to distill")
         if len(betas) != len(layers):
@@ -317,6 +321,11 @@ class DistillCriterion:
         self.box_kd, self.box_kd_margin = float(box_kd), float(box_kd_margin)
         self.criterion, self.teacher = criterion, teacher
         self.layers, self.betas = list(layers), [float(b) for b in betas]
+        # the same layers' names in the teacher (they differ where residual units were removed)
+        self.teacher_layers = list(layers if teacher_layers is None else teacher_layers)
+        if len(self.teacher_layers) != len(self.layers):
+            raise YoloCompressError(f"distill: {len(layers)} layers but "
+                                    f"{len(self.teacher_layers)} teacher layers")
         self.p, self.fg_mask = float(p), bool(fg_mask)
         self.output_kd, self.kd_temperature = float(output_kd or 0.0), float(kd_temperature)
         teacher.requires_grad_(False)
@@ -331,7 +340,7 @@ class DistillCriterion:
         if not isinstance(student, Darknet):
             raise YoloCompressError(f"distill: the student must be a Darknet model, got "
                                     f"{type(student).__name__}")
-        infos = match_layers(self.teacher, student, self.layers)
+        infos = match_layers(self.teacher, student, self.layers, self.teacher_layers)
         self._positions = [ref_positions(i.stride) for i in infos]
         if self.output_kd or self.box_kd:
             layout = [[(h.classes, h.mask, h.new_coords, h.anchors.tolist())
@@ -352,15 +361,16 @@ class DistillCriterion:
         teacher.eval()                       # whatever train() calls reached it
         stats = batch_statistics(teacher) if self.teacher_bn == "batch" else nullcontext()
         with torch.no_grad(), stats:
-            t_heads, t_feats = teacher(images, features=self.layers)
+            t_heads, t_feats = teacher(images, features=self.teacher_layers)
         heads, feats = model(images, features=self.layers)
         terms = dict(self.criterion(_Replay(model, images, heads), batch))
         # the engine's rule: "loss" is the criterion's own sum unless it is the only term
         terms = {"det": terms["loss"]} if set(terms) == {"loss"} else \
             {k: v for k, v in terms.items() if k != "loss"}
         per_layer = {}
-        for name, beta, positions in zip(self.layers, self.betas, self._positions):
-            fs, ft = feats[name], t_feats[name]
+        for name, t_name, beta, positions in zip(self.layers, self.teacher_layers, self.betas,
+                                                  self._positions):
+            fs, ft = feats[name], t_feats[t_name]
             if fs.shape[-2:] != ft.shape[-2:]:
                 raise YoloCompressError(f"distill: layer '{name}' is {tuple(fs.shape[-2:])} in the "
                                         f"student but {tuple(ft.shape[-2:])} in the teacher")

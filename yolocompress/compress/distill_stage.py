@@ -4,7 +4,8 @@ around the detection loss and a `DistillLogHook`; `run_distill` trains it (train
 
 The artifact gets stage `distilled`, the student artifact as parent (lineage), the student's
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
-sha256), layers [{name, beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
+sha256), layers [{name, teacher (the layer's name in the teacher: after layer pruning, the
+source cfg's name), beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
 box_kd_margin, teacher_bn, ref_size}.
 
 `run_finetune` (`build_finetune`) is the control it is measured against: the same student,
@@ -21,6 +22,7 @@ from ..config import Config
 from ..errors import YoloCompressError
 from ..train.run import DataSplits, StageParts, train_built, with_stage_budget
 from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
+from .layer_prune import source_names, units_from_record
 
 __all__ = ["run_distill", "run_finetune", "build_distill", "build_finetune", "default_teacher",
            "distill_command", "finetune_command", "pipeline_step"]
@@ -85,12 +87,16 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
     layers = resolve_layers(student_model.blocks, dc.layers, dc.betas,
                             (dc.beta_backbone, dc.beta_neck, dc.beta_deep))
     names = [n for n, _ in layers]
-    infos = match_layers(teacher_model, student_model, names)
+    units = (student_art.get("prune") or {}).get("units")
+    t_names = (source_names(teacher_model.blocks,
+                            units_from_record(teacher_model.blocks, units), names)
+               if units else names)
+    infos = match_layers(teacher_model, student_model, names, t_names)
     extra["distill"] = {
         "teacher": {"stage": teacher_art["stage"], "path": teacher_art["path"],
                     "sha256": teacher_art["sha256"]},
-        "layers": [{"name": n, "beta": b, "stride": i.stride, "part": i.part}
-                   for (n, b), i in zip(layers, infos)],
+        "layers": [{"name": n, "teacher": tn, "beta": b, "stride": i.stride, "part": i.part}
+                   for (n, b), tn, i in zip(layers, t_names, infos)],
         "p": dc.p, "fg_mask": dc.fg_mask, "output_kd": dc.output_kd,
         "kd_temperature": dc.kd_temperature, "box_kd": dc.box_kd,
         "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "ref_size": REF_SIZE,
@@ -100,7 +106,8 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
         return DistillCriterion(criterion, teacher_model, names, [b for _, b in layers], p=dc.p,
                                 fg_mask=dc.fg_mask, output_kd=dc.output_kd,
                                 kd_temperature=dc.kd_temperature, teacher_bn=dc.teacher_bn,
-                                box_kd=dc.box_kd, box_kd_margin=dc.box_kd_margin)
+                                box_kd=dc.box_kd, box_kd_margin=dc.box_kd_margin,
+                                teacher_layers=t_names)
 
     return config, StageParts(model=student_model, parent=student_art, teacher=teacher_art,
                               hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra)

@@ -44,6 +44,7 @@ from .budget_evolve import evolve
 from .graph import INPUT, ChannelGraph, KeptChannels, analyze, propagate_keep
 from .groups import Group, group_layers
 from .importance import Importance, bn_gamma_abs, state_of, tied_scores
+from .layer_prune import remove_units, units_from_record
 
 __all__ = ["BUDGET_METHODS", "MERGES", "MaskSettings", "group_scores", "group_thresholds", "make_masks",
            "masked_model_state", "prune", "plan", "prune_record", "keep_from_record", "replay",
@@ -408,7 +409,11 @@ def keep_from_record(blocks: list[Block], record: Mapping) -> Keep:
 
 def replay(blocks: list[Block], state, record: Mapping, compensate: bool = True
            ) -> tuple[list[Block], dict[str, torch.Tensor]]:
-    """Apply a prune record to the unpruned model: prune(blocks, state, keep_from_record(...))."""
+    """Apply a prune record to the unpruned model: its residual units removed first (record
+    "units", compress.layer_prune; its "layers" then name layers of the reduced cfg), then
+    prune(blocks, state, keep_from_record(...))."""
+    if isinstance(record, Mapping) and record.get("units"):
+        blocks, state = remove_units(blocks, state, units_from_record(blocks, record["units"]))
     return prune(blocks, state, keep_from_record(blocks, record), compensate)
 
 

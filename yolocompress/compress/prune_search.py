@@ -4,6 +4,7 @@
     cal = Calibrated.from_config(config, train_records, letterbox, names)
     importance = cal.importance(model, name, seed)     # BN-Taylor takes its gradients here
     score = cal.score(blocks, state, compensate, "loss")   # keep -> loss (or -mAP), recalibrated
+    losses = cal.unit_losses(blocks, state, units)         # per residual unit removed alone
     pruned = cal.prune_to_budget(model, config, ratio)     # the prune section's budget search
 
 `cal.full` holds `prune.recalibrate` training images (what every pruned model is recalibrated on),
@@ -16,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..config import Config
 from ..data.records import Record
@@ -23,8 +25,9 @@ from ..errors import YoloCompressError
 from ..eval.evaluate import METRIC_KEYS, ModelEvaluator, evaluate_model
 from ..models.darknet import Darknet
 from .graph import analyze
-from .importance import NEEDS_GRADIENTS, Importance, get_importance
 from .groups import GROUPINGS, group_layers
+from .importance import NEEDS_GRADIENTS, Importance, get_importance
+from .layer_prune import ResidualUnit, remove_units
 from .prune import find_percents_for_budget, prune
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
 
@@ -47,7 +50,7 @@ def build_pruned(blocks, state, keep, compensate: bool, device: torch.device | s
 class Calibrated:
     full: Calibration | None          # None: recalibration off (prune.recalibrate = 0)
     search: Calibration
-    evaluator: ModelEvaluator         # allocation "map": scores candidates on search.records
+    evaluator: ModelEvaluator | None = None   # allocation "map": scores on search.records
 
     @classmethod
     def from_config(cls, config: Config, train: Sequence[Record], letterbox: bool,
@@ -76,6 +79,8 @@ class Calibrated:
         better."""
         if not ALLOCATIONS.get(allocation):
             raise YoloCompressError(f"prune: allocation '{allocation}' scores no candidates")
+        if allocation == "map" and (self.evaluator is None or not self.search.records):
+            raise YoloCompressError("prune: allocation 'map' needs the search images' records")
 
         def value(keep) -> float:
             m = recalibrate_bn(build_pruned(blocks, state, keep, compensate, device), self.search)
@@ -84,6 +89,17 @@ class Calibrated:
             return -evaluate_model(m, self.search.records, self.evaluator,
                                    progress=False)[METRIC_KEYS[self.evaluator.metric]]
         return value
+
+    def unit_losses(self, blocks, state, units: Sequence[ResidualUnit]) -> list[float]:
+        """Per residual unit: the calibration loss of the model with that unit alone removed,
+        recalibrated on `search` (layer pruning's `loss` importance; lower = less needed)."""
+        out = []
+        for u in tqdm(units, desc="unit losses", leave=False):
+            new_blocks, new_state = remove_units(blocks, state, [u])
+            m = Darknet(new_blocks)
+            m.load_state_dict(new_state, strict=True)
+            out.append(calib_loss(recalibrate_bn(m, self.search), self.search))
+        return out
 
     def prune_to_budget(self, model: Darknet, config: Config, ratio: float,
                         metric: str = "flops") -> Darknet:

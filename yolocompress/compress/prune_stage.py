@@ -1,19 +1,24 @@
 """`yolocompress prune`: stage 2 as a command -- a sparse artifact in, a pruned artifact out.
 
-run_prune: the artifact's model -> group_layers -> percents (the config's `prune` section, or
+run_prune: the artifact's model -> `prune.layers` residual units removed (compress.layer_prune;
+channels are then pruned on the reduced cfg, so the channel graph, groups and budget search run
+unchanged on an ordinary cfg) -> group_layers -> percents (the config's `prune` section, or
 find_percents_for_budget, scored on calibration data with `allocation: loss`) -> plan -> prune
 (timed on their own) -> the slim Darknet (strict load) -> its BN statistics recalibrated on
 `prune.recalibrate` training images (compress.prune_search); then mAP on the val split before
 and after (compensation on and off, both recalibrated; and not recalibrated), CPU latency,
 and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thresholds.png.
 The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
-(kept channels per layer name, groups, percents, thresholds, settings incl. compensate, budget),
-which `prune.replay` re-applies to the source model. Skipping follows inputs.py's rule (the
-source's sha256 and the model/data/train/eval/prune sections), like every stage.
+(removed units by source layer name, kept channels per layer name of the reduced cfg, groups,
+percents, thresholds, settings incl. compensate, budget), which `prune.replay` re-applies to the
+source model. A budget is a share of the source model's cost: what the units remove counts.
+Skipping follows inputs.py's rule (the source's sha256 and the model/data/train/eval/prune
+sections), like every stage.
 
 metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings,
-seconds {masks, prune, recalibrate}, budget (None or {metric, target, reduction, method, evaluations}),
-before/after {params, flops, <eval metrics>}, compensation {on, off: <eval metrics>},
+seconds {masks, prune, recalibrate}, budget (None or {metric, target, reduction, method,
+evaluations, channel_target}), units [{shortcut, input, convs, stride, part, score}] (source layer names),
+before/after {params, flops, layers, <eval metrics>}, compensation {on, off: <eval metrics>},
 recalibration {images, off: <eval metrics of the saved setting, not recalibrated>}, latency
 [{batch, before, after: eval.speed stats}], groups [{name, title, layers, percent, threshold,
 channels_*, params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups'
@@ -50,10 +55,12 @@ from ..train.run import config_evaluator, stage_dir, uses_letterbox
 from .groups import GROUPINGS, Group, group_layers
 from .importance import NEEDS_GRADIENTS, get_importance
 from .latency_table import time_model
-from .prune import find_percents_for_budget, group_scores, keep_from_record, plan
+from .layer_prune import (least_important, remove_units, residual_units, unit_scores,
+                          units_record)
+from .prune import find_percents_for_budget, group_scores, keep_from_record, plan, pruned_cost
 from .prune_search import ALLOCATIONS, Calibrated, budget_options, build_pruned, latency_table
 
-__all__ = ["run_prune", "plan_from_config", "command", "pipeline_step"]
+__all__ = ["run_prune", "plan_from_config", "remove_units_from_config", "command", "pipeline_step"]
 
 PLOTS = {"channels kept per layer": "channels_kept.png",
          "importance per group with its threshold": "gamma_thresholds.png"}
@@ -80,9 +87,11 @@ def _percents(config: Config, groups: Sequence[Group]) -> list[float]:
     return list(p)
 
 
-def _costs(blocks, new_blocks, groups, size) -> tuple[dict, dict, list[dict], list[dict]]:
-    """Totals {params, flops} before and after, and per-group and per-layer (the groups' convs
-    and every other conv whose cost changed) filters, params and FLOPs."""
+def _costs(blocks, new_blocks, groups, size, source=None
+           ) -> tuple[dict, dict, list[dict], list[dict]]:
+    """Totals {params, flops, layers} of `source` (default `blocks`) and `new_blocks`, and
+    per-group and per-layer (the groups' convs and every other conv whose cost changed) filters,
+    params and FLOPs from `blocks` (the cfg channels are pruned on) to `new_blocks`."""
     before, after = profile_blocks(blocks, size, size), profile_blocks(new_blocks, size, size)
     names = [info.name for info in describe_layers(blocks)]
     group_of = {c: g.name for g in groups for c in g.layers}
@@ -102,23 +111,44 @@ def _costs(blocks, new_blocks, groups, size) -> tuple[dict, dict, list[dict], li
             row[f"params_{when}"] = sum(rows[c].params for c in g.layers)
             row[f"flops_{when}"] = sum(rows[c].flops for c in g.layers)
         per_group.append(row)
-    totals = [{"params": sum(r.params for r in rows), "flops": sum(r.flops for r in rows)}
-              for rows in (before, after)]
+    first = before if source is None else profile_blocks(source, size, size)
+    totals = [{"params": sum(r.params for r in rows), "flops": sum(r.flops for r in rows),
+               "layers": len(rows)} for rows in (first, after)]
     return totals[0], totals[1], per_group, layers
 
 
-def _choose(config: Config, blocks, state, groups, settings: dict, cal: Calibrated | None
-            ) -> dict:
-    """The plan record: the config's percents, or the budget search's (recorded in "budget")."""
+def _channel_ratio(config: Config, blocks, source) -> tuple[float, float]:
+    """(the share of `blocks`' cost the channels must remove so that the source loses
+    budget_ratio of its cost, cost of blocks / cost of source)."""
+    pc, size = config.prune, config.model.img_size
+    if source is None:
+        return pc.budget_ratio, 1.0
+    left = (pruned_cost(blocks, {}, pc.budget_target, (size, size))
+            / pruned_cost(source, {}, pc.budget_target, (size, size)))
+    ratio = 1 - (1 - pc.budget_ratio) / left
+    if ratio <= 0:
+        raise YoloCompressError(
+            f"{config.source or 'config'}: prune.layers={pc.layers} alone removes {1 - left:.1%} "
+            f"of the {pc.budget_target}, at least prune.budget_ratio={pc.budget_ratio:g}; remove "
+            "fewer units or raise the ratio")
+    return ratio, left
+
+
+def _choose(config: Config, blocks, state, groups, settings: dict, cal: Calibrated | None,
+            source=None) -> dict:
+    """The plan record: the config's percents, or the budget search's (recorded in "budget";
+    a share of `source`'s cost when the units removed from it gave `blocks`)."""
     pc = config.prune
     percents, budget = _percents(config, groups), None
     if pc.budget_target is not None:
         t0 = time.perf_counter()
+        ratio, left = _channel_ratio(config, blocks, source)
         res = find_percents_for_budget(
-            blocks, state, groups, percents, (pc.budget_target, pc.budget_ratio),
+            blocks, state, groups, percents, (pc.budget_target, ratio),
             **budget_options(config, cal, blocks, state, settings["importance"]))
         percents = res.percents
-        budget = {"metric": res.metric, "target": res.target, "reduction": res.reduction,
+        budget = {"metric": res.metric, "target": pc.budget_ratio,
+                  "reduction": 1 - (1 - res.reduction) * left, "channel_target": ratio,
                   "method": pc.budget_method, "allocation": pc.allocation,
                   "evaluations": res.evaluations, "seconds": time.perf_counter() - t0}
         if res.history is not None:
@@ -132,18 +162,40 @@ def _choose(config: Config, blocks, state, groups, settings: dict, cal: Calibrat
 
 
 def plan_from_config(config: Config, blocks, state, cal: Calibrated | None = None,
-                     model: Darknet | None = None) -> tuple[list[Group], dict, dict]:
+                     model: Darknet | None = None, source=None) -> tuple[list[Group], dict, dict]:
     """(groups, plan record, mask settings) of the config's `prune` section on a model: what
     run_prune will cut (the sparse stage's check reads it too). With a calibration subset `cal`
     (and the `model` of blocks/state), gradient importances and a loss-scored budget search use
-    it; without, the plan is the importance-only one."""
+    it; without, the plan is the importance-only one. `source`: the cfg `blocks` had residual
+    units removed from (a budget is a share of its cost)."""
     pc = config.prune
     importance = (cal.importance(model, pc.importance, config.train.seed) if cal is not None
                   else get_importance(pc.importance, config.train.seed))
     settings = dict(min_keep=pc.min_keep, min_channels=pc.min_channels, round_to=pc.round_to,
                     merge=pc.merge, importance=importance)
     groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
-    return groups, _choose(config, blocks, state, groups, settings, cal), settings
+    return groups, _choose(config, blocks, state, groups, settings, cal, source), settings
+
+
+def remove_units_from_config(config: Config, model: Darknet, cal: Calibrated | None
+                             ) -> tuple[Darknet, list[dict]]:
+    """The model without its `prune.layers` least important residual units (ranked by
+    `prune.layer_importance`), and the record of those units; the model itself when 0."""
+    pc = config.prune
+    if not pc.layers:
+        return model, []
+    blocks, state = model.blocks, model.state_dict()
+    units = residual_units(blocks)
+    if pc.layers > len(units):                 # the error, before any scoring
+        least_important(blocks, units, [0.0] * len(units), pc.layers)
+    scores = (cal.unit_losses(blocks, state, units) if pc.layer_importance == "loss"
+              else unit_scores(blocks, state, units))
+    chosen = least_important(blocks, units, scores, pc.layers)
+    new_blocks, new_state = remove_units(blocks, state, chosen)
+    reduced = Darknet(new_blocks)
+    reduced.load_state_dict(new_state, strict=True)
+    by_shortcut = {u.shortcut: v for u, v in zip(units, scores)}
+    return reduced, units_record(blocks, chosen, by_shortcut)
 
 
 def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
@@ -166,15 +218,23 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     remove_stale_temps(out.parent)
     val = load_split(desc, "val", strict=config.data.strict)
     model = build_model(art, source=str(src))
-    blocks, state, pc, size = model.blocks, model.state_dict(), config.prune, config.model.img_size
+    pc, size = config.prune, config.model.img_size
     cal = None
     if pc.recalibrate or (pc.budget_target and ALLOCATIONS[pc.allocation]) \
-            or pc.importance in NEEDS_GRADIENTS:
+            or pc.importance in NEEDS_GRADIENTS or (pc.layers and pc.layer_importance == "loss"):
         cal = Calibrated.from_config(config, load_split(desc, "train", strict=config.data.strict),
                                      uses_letterbox(config, model), names)
 
     t0 = time.perf_counter()
-    groups, record, settings = plan_from_config(config, blocks, state, cal, model)
+    base, units = remove_units_from_config(config, model, cal)
+    if units:
+        print(f"removed {len(units)} residual units: " + ", ".join(
+            f"{u['shortcut']} ({', '.join(u['convs'])})" for u in units))
+    blocks, state = base.blocks, base.state_dict()
+    groups, record, settings = plan_from_config(config, blocks, state, cal, base,
+                                                source=model.blocks if units else None)
+    record["units"] = units
+    record["settings"].update(layers=pc.layers, layer_importance=pc.layer_importance)
     keep = keep_from_record(blocks, record)
     t1 = time.perf_counter()
     pruned = build_pruned(blocks, state, keep, pc.compensate)
@@ -210,7 +270,8 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     compensation = {on: evaluate(pruned), off: evaluate(other)}
     recalibration = {"images": cal.full.images if cal and cal.full else 0,
                      "off": evaluate(stale) if cal and cal.full else compensation[on]}
-    cost_before, cost_after, group_rows, layer_rows = _costs(blocks, new_blocks, groups, size)
+    cost_before, cost_after, group_rows, layer_rows = _costs(blocks, new_blocks, groups, size,
+                                                             model.blocks)
     for row in group_rows:
         row.update(percent=record["percents"][row["name"]],
                    threshold=record["thresholds"][row["name"]])
@@ -219,7 +280,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
         "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[config.eval.metric],
         "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1,
                                                      "recalibrate": t3 - t2},
-        "budget": record["budget"], "before": {**cost_before, **evaluate(model)},
+        "budget": record["budget"], "units": units, "before": {**cost_before, **evaluate(model)},
         "after": {**cost_after, **compensation[on]}, "compensation": compensation,
         "recalibration": recalibration,
         "latency": latency, "groups": group_rows, "layers": layer_rows,
