@@ -1,5 +1,6 @@
 """FBS gating: k-WTA counts, d = 1 with unit saliencies is the ungated model, shortcut-tied gates
 agree, executed MACs against a hand count, the gathered forward, artifacts, exports, the stage."""
+import copy
 import json
 import math
 
@@ -99,7 +100,7 @@ def test_gated_model_keeps_ceil_dc_channels_per_image():
 
 def test_density_one_unit_saliency_equals_ungated():
     dense = _randomised(Darknet(read_cfg(TINY_CFG)))
-    gated = apply_gating(__import__("copy").deepcopy(dense), gate_plan(dense.blocks, 1.0)).eval()
+    gated = apply_gating(copy.deepcopy(dense), gate_plan(dense.blocks, 1.0)).eval()
     for conv in gated_convs(gated):
         with torch.no_grad():
             conv.gate.fc.weight.zero_()
@@ -149,6 +150,12 @@ def test_gathered_forward_equals_gated():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(YoloCompressError, match="batch 1"):
         g(torch.rand(2, 3, 64, 64))
+    with torch.no_grad():          # g = 0 everywhere on conv0: conv1 reads no live channel
+        m.layers[0].gate.fc.weight.zero_()
+        m.layers[0].gate.fc.bias.fill_(-1.0)
+        g = gathered_model(m)
+        for a, b in zip(m(x), g(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_penalty_is_sum_of_mean_saliencies():
@@ -208,7 +215,7 @@ def test_gate_plan_densities_by_group():
         gate_plan(blocks, 0.5, {"G9": 0.5})
 
 
-def test_gate_stage_trains_resumes_and_measures(tmp_path):
+def test_gate_stage_trains_resumes_and_measures(tmp_path, capsys):
     from yolocompress.cli import main
     base = make_mini(tmp_path, train={"epochs": 1, "batch_size": 4, "nominal_batch": 4,
                                       "burn_in": 1, "eval_interval": 1, "multi_scale": False,
@@ -229,4 +236,12 @@ def test_gate_stage_trains_resumes_and_measures(tmp_path):
     assert main(argv) == 0                          # complete, same inputs: reused
     assert (out / "best.pt").stat().st_mtime_ns == mtime
     assert main([*argv[:-1], "gate.l1=0.02"]) == 2   # changed input: refused, nothing redone
+    one = load_artifact(out / "last.pt")
+    (out / "metrics.json").unlink()                  # as if killed before the stage finished
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resuming from" in capsys.readouterr().out
+    two = load_artifact(out / "last.pt")             # nothing left to train: the same weights
+    assert any(".gate." in k for k in two["state_dict"])
+    assert all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in one["state_dict"])
     assert main(["gate", "--config", str(base / "exp.yaml"), "gate.densities=[0.5,0.5]"]) == 2

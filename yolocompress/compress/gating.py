@@ -87,6 +87,8 @@ class GatedConv(ConvLayer):
             self.gate = gate
         self.__dict__["gate_ref"] = gate     # plain attribute: one owner in the state_dict
         self.k, self.leader, self.gather = k, leader, False
+        with torch.no_grad():
+            self.act_zero = float(self.act(torch.zeros(1)))   # what a skipped channel holds
 
     def gate_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mask, g), each (B, C), of this forward; None for an ungated conv."""
@@ -120,7 +122,7 @@ class GatedConv(ConvLayer):
         weight, bias = conv.weight, conv.bias
         if conv.groups == 1:
             live = (x[0].abs().amax(dim=(1, 2)) > 0).nonzero().flatten()
-            if live.numel() < x.shape[1]:
+            if 0 < live.numel() < x.shape[1]:     # none live (rare): the full conv, = bias
                 x, weight = x.index_select(1, live), weight.index_select(1, live)
         if gv is None:
             return self.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups))
@@ -129,9 +131,7 @@ class GatedConv(ConvLayer):
         y = F.conv2d(x, weight.index_select(0, kept), bias.index_select(0, kept), conv.stride,
                      conv.padding)
         y = self.act(y * g[0, kept].view(1, -1, 1, 1))
-        c = conv.out_channels
-        zero = float(self.act(torch.zeros(1)))       # act(0): what a skipped channel holds
-        out = y.new_full((1, c, y.shape[2], y.shape[3]), zero)
+        out = y.new_full((1, conv.out_channels, y.shape[2], y.shape[3]), self.act_zero)
         out[:, kept] = y
         return out
 
