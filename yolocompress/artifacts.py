@@ -2,7 +2,8 @@
 
 Keys: format, stage, cfg (Darknet text), state_dict, classes (names), input_size [h, w], config,
 metrics, parent (sha256 of the parent artifact file or None), lineage (ancestors, oldest first),
-prune (optional), train_state (last.pt only). Saved atomically; loaded with weights_only=True and
+prune (optional), gating (optional: an FBS-gated model, compress/gating.py),
+train_state (last.pt only). Saved atomically; loaded with weights_only=True and
 checked: format, required keys, cfg parses, and the state_dict fits the model the cfg builds.
 Valid stages are the registry's (stages.py). `load_parent` is how every stage reads its input
 artifact: validated, of a stage the consumer accepts, with the data set's classes; `lineage_of`
@@ -159,6 +160,9 @@ def build_model(art: dict, source: str = "<artifact>") -> Darknet:
     """The Darknet model an artifact describes, with its weights loaded (strict)."""
     blocks = parse_cfg(art["cfg"], source=f"{source}[cfg]")
     model = Darknet(blocks)
+    if art.get("gating") is not None:      # FBS: the gated model (compress/gating.py)
+        from .compress.gating import apply_gating
+        model = apply_gating(model, art["gating"], source)
     if model.classes != len(art["classes"]):
         raise YoloCompressError(f"{source}: cfg has {model.classes} classes but the artifact "
                                 f"names {len(art['classes'])}")

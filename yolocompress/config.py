@@ -14,7 +14,7 @@ folder stay as written and resolve beside `source`; a `_base_` file elsewhere ha
 relative paths made absolute when it is read. `to_dict()` keeps the strings otherwise; `cfg_path`, `weights_path` and `data_path` give the resolved paths,
 `require_file('model.cfg')` also checks that the file is there (commands call it; loading does not).
 
-To add a section (sparse, prune, distill): write one dataclass deriving from `_Section` (one
+To add a section (sparse, prune, distill, gate): write one dataclass deriving from `_Section` (one
 comment per default, checks in `_validate`, `metadata=_PATH` on path fields) and add one field
 for it to `Config`.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "EvalConfig",
+    "GateConfig",
     "ModelConfig",
     "PruneConfig",
     "QuantizeConfig",
@@ -413,6 +414,29 @@ class QuantizeConfig(_Section):
 
 
 @dataclass(frozen=True)
+class GateConfig(_Section):
+    # FBS dynamic channel gating (`yolocompress gate`, compress/gating.py): the share of each gated
+    # conv's output channels an image keeps (k-WTA keeps ceil(density * C) by predicted saliency)
+    density: float = 0.5
+    # one density per pruning group (yolov4: G1-G5, in order) replacing `density`; empty = none
+    densities: tuple[float, ...] = ()
+    l1: float = 1e-3                      # weight of the L1 term on the saliencies g ("gate")
+    # this stage's epochs (null: `steps`, optimizer steps as sparse.steps), lr and optimizer;
+    # null = train.epochs / lr / optimizer
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
+
+    def _validate(self) -> None:
+        _check_stage_budget(self)
+        _require(0 < self.density <= 1, "density", "must be in (0, 1]", self.density)
+        _require(all(0 < d <= 1 for d in self.densities), "densities",
+                 "must be fractions in (0, 1]", list(self.densities))
+        _require(self.l1 >= 0, "l1", "must be >= 0", self.l1)
+
+
+@dataclass(frozen=True)
 class PipelineConfig(_Section):
     # an artifact `yolocompress pipeline` adopts as this experiment's baseline stage (copied into
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
@@ -461,6 +485,7 @@ class Config(_Section):
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     source: Optional[str] = None          # absolute path of the experiment file, set by load_config

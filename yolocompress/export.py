@@ -5,6 +5,8 @@ ONNX: input `images` (B, 3, H, W) float RGB in [0, 1]; output `detections` (B, N
 folded into the convs; the class names, input size and letterbox flag in `metadata_props`
 (`onnx_backend.METADATA_KEYS`), so `predict` / `eval` run the file as they run the artifact.
 A maxpool with even padding is written as one MaxPool with `pads` (no Pad with -inf).
+A gated (FBS) artifact keeps its gates in ONNX (ReduceMean, Gemm, TopK, ScatterElements: the
+masked channels are still computed, then zeroed); Darknet has no gates, so that export refuses it.
 
 Mish (`MISH_FORMS`): ONNX Runtime has no Mish kernel (it expands opset 18's `Mish` function into
 Softplus + Tanh + Mul, and its Softplus is scalar code: ~45 % of yolov4's time), so the default
@@ -111,6 +113,11 @@ def export_darknet(art: dict, out: str | Path, inputs: Sequence[str | Path] = ()
                    ) -> tuple[Path, Path]:
     """Write `<out>.cfg` and `<out>.weights`; [net] width/height are set to the artifact's input size.
     Neither may be one of `inputs` (the files the export reads, e.g. the artifact)."""
+    if art.get("gating") is not None:
+        where = inputs[0] if inputs else "artifact"
+        raise YoloCompressError(f"{where}: a gated (FBS) artifact cannot be written as Darknet cfg "
+                                f"+ weights: Darknet has no per-image channel gates; export it to "
+                                f"ONNX (which keeps them)")
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".cfg", ".weights") else out
     if stem.name in ("", ".", ".."):

@@ -184,6 +184,18 @@ register(Stage(
                                                              ".onnx beside --out)"})),
     entry="yolocompress.compress.quantize_stage:command"))
 
+register(Stage(
+    "gated", parents=("imported", "baseline", "sparse"), section="gate",
+    reads=_TRAIN_READS + ("gate",),
+    plots=("training_curves.png", "channel_usage.png", "pr_curves.png"), command="gate",
+    help="FBS dynamic channel gating: per image, keep each prunable conv's most salient channels",
+    config_help="experiment YAML (its `gate` section)", example="gate.density=0.5",
+    options=(Option(("--from",), {"dest": "from_artifact", "metavar": "ARTIFACT",
+                                  "help": "start from this artifact, e.g. runs/<name>/baseline/"
+                                          "best.pt (default: model.weights)"}),),
+    entry="yolocompress.compress.gate_stage:command",
+    build="yolocompress.compress.gate_stage:build_gate"))
+
 
 @dataclass(frozen=True)
 class Arm:
