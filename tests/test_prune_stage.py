@@ -212,7 +212,7 @@ def test_global_grouping_is_one_threshold_over_all_prunable_convs(mini, tmp_path
     out = tmp_path / "g.pt"
     assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
                   "0", "prune.grouping=global", "prune.percents=[0.4]", "prune.min_keep=0.01",
-                  "prune.min_channels=1") == 0
+                  "prune.min_channels=1", "prune.importance=bn_gamma_abs") == 0
     rec = load_artifact(out)["prune"]
     assert rec["percents"] == {"all": 0.4} and rec["settings"]["grouping"] == "global"
     assert set(rec["groups"]["all"]) == set(rec["layers"])   # every prunable conv, one group

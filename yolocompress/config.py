@@ -288,7 +288,7 @@ class PruneConfig(_Section):
     min_channels: int = 8                 # ... and at least this many (at most all it has)
     round_to: int = 1                     # round kept channels up to a multiple of this (8 suits SIMD)
     # shortcut-tied masks: kept by >= half of the set | by any | where the set's mean score passes
-    merge: Literal["majority", "union", "mean"] = "majority"
+    merge: Literal["majority", "union", "mean"] = "mean"
     # groups: one threshold per group (the method's five on yolov4) | global: one threshold for
     # every prunable conv (network slimming); with global, percents has one value
     grouping: Literal["groups", "global"] = "groups"
@@ -296,7 +296,7 @@ class PruneConfig(_Section):
     # layer's mean | |gamma * dL/dgamma| over the search images (BN-Taylor) | L1 | L2 of filters |
     # random (seeded by train.seed)
     importance: Literal["bn_gamma_abs", "bn_gamma_norm", "bn_taylor", "l1_filter", "l2_filter",
-                        "random"] = "bn_gamma_abs"
+                        "random"] = "bn_gamma_norm"
     # fold pruned channels' constant act(beta) into the next layer; off: after BN recalibration
     # it costs mAP right after pruning (docs/BENCHMARKS.md, "Right after pruning")
     compensate: bool = False
@@ -310,11 +310,11 @@ class PruneConfig(_Section):
     # budget mode: greedy (raise the group losing least importance per cost) | scale (t * percents)
     # | evolve (per-group thresholds from one common threshold, an evolution strategy scored by
     # `allocation` over search_rounds candidates; compress/budget_evolve.py)
-    budget_method: Literal["greedy", "scale", "evolve"] = "greedy"
-    # what scores a candidate: importance lost (greedy, scale) | calibration loss | minus mAP
+    budget_method: Literal["greedy", "scale", "evolve"] = "evolve"
+    # what scores a candidate: importance lost (greedy) | calibration loss | minus mAP
     # (eval.metric) of the pruned model recalibrated on search_images (greedy: per cost removed,
-    # raising by score_step of the metric a round; evolve: as is)
-    allocation: Literal["importance", "loss", "map"] = "importance"
+    # raising by score_step of the metric a round; evolve: as is); scale scores nothing
+    allocation: Literal["importance", "loss", "map"] = "loss"
     score_step: float = 0.05
     search_rounds: int = 48               # budget_method evolve: candidates scored
     # training images (evenly spaced, no augmentation) the BN running statistics of the pruned
@@ -340,8 +340,6 @@ class PruneConfig(_Section):
         _require(self.search_images >= 1, "search_images", "must be >= 1", self.search_images)
         _require(self.layers >= 0, "layers", "must be >= 0", self.layers)
         _require(self.search_rounds >= 1, "search_rounds", "must be >= 1", self.search_rounds)
-        _require(self.allocation == "importance" or self.budget_method != "scale", "allocation",
-                 f"'{self.allocation}' needs budget_method greedy or evolve", self.allocation)
         _require(self.allocation != "importance" or self.budget_method != "evolve",
                  "budget_method", "'evolve' needs allocation loss or map", self.budget_method)
         _require(self.layers == 0 or self.budget_target != "latency", "layers",

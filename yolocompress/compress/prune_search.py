@@ -128,15 +128,19 @@ def latency_table(config: Config, blocks):
 
 def budget_options(config: Config, cal: Calibrated | None, blocks, state, importance: Importance
                    ) -> dict:
-    """find_percents_for_budget's keyword arguments from the prune section (a scored allocation
-    needs `cal`; a latency budget measures or loads the latency table)."""
+    """find_percents_for_budget's keyword arguments from the prune section; a latency budget
+    measures or loads the latency table. Without calibration data (`cal` None: the sparse stage's
+    estimate of the plan) a scored allocation becomes its unscored version: greedy by importance,
+    or the evolution's start (one common threshold)."""
     pc, size = config.prune, config.model.img_size
-    scored = ALLOCATIONS[pc.allocation]
-    if scored and cal is None:
-        raise YoloCompressError(f"prune: allocation '{pc.allocation}' needs calibration images")
+    rounds, score = pc.search_rounds, None
+    if ALLOCATIONS[pc.allocation] and pc.budget_method != "scale":
+        if cal is not None:
+            score = cal.score(blocks, state, pc.compensate, pc.allocation)
+        elif pc.budget_method == "evolve":
+            rounds, score = 1, (lambda keep: 0.0)
     return dict(method=pc.budget_method, size=(size, size), min_keep=pc.min_keep,
                 min_channels=pc.min_channels, round_to=pc.round_to, merge=pc.merge,
-                importance=importance, score_step=pc.score_step,
-                score=cal.score(blocks, state, pc.compensate, pc.allocation) if scored else None,
-                evolve_options=dict(rounds=pc.search_rounds, seed=config.train.seed),
+                importance=importance, score_step=pc.score_step, score=score,
+                evolve_options=dict(rounds=rounds, seed=config.train.seed),
                 latency=latency_table(config, blocks) if pc.budget_target == "latency" else None)
