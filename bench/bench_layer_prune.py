@@ -26,14 +26,14 @@ from pathlib import Path
 
 from yolocompress.artifacts import artifact_from_model, build_model, load_artifact
 from yolocompress.compress.prune import keep_from_record
-from yolocompress.compress.prune_search import Calibrated, build_pruned
+from yolocompress.compress.prune_search import build_pruned
 from yolocompress.compress.prune_stage import plan_from_config, remove_units_from_config
 from yolocompress.config import load_config
 from yolocompress.eval.speed import measure_latency_onnx
 from yolocompress.export import export_onnx
 from yolocompress.fileio import atomic_open
 from yolocompress.models.profile import profile_summary
-from yolocompress.train.run import config_evaluator, load_data, uses_letterbox
+from bench_prune_right_after import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,13 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    data = load_data(config)
-    model = build_model(load_artifact(args.sparse), source=args.sparse)
-    size = config.model.img_size
-    letterbox = uses_letterbox(config, model)
-    score = config_evaluator(config, data.val, data.names, letterbox)
-    cal = Calibrated.from_config(config, data.train, letterbox)
-    base = profile_summary(model.blocks, size, size)
+    data, model, size, score, cal, base = setup(config, args.sparse)
     rows, onnx_dir = [], Path(tempfile.mkdtemp(prefix="layer_prune_"))
     for n in args.layers:
         for arm in ("layers", "layers + channels"):

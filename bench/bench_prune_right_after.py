@@ -30,6 +30,18 @@ from yolocompress.train.run import config_evaluator, load_data, uses_letterbox
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def setup(config, sparse: str):
+    """(data splits, the sparse model, input size, val scorer, calibration subsets, the model's
+    profile_summary) for a right-after-pruning measurement of `sparse` under `config`."""
+    data = load_data(config)
+    model = build_model(load_artifact(sparse), source=sparse)
+    size = config.model.img_size
+    letterbox = uses_letterbox(config, model)
+    return (data, model, size, config_evaluator(config, data.val, data.names, letterbox),
+            Calibrated.from_config(config, data.train, letterbox, data.names),
+            profile_summary(model.blocks, size, size))
+
+
 def arm_config(path: str, overrides: list[str], arm: str):
     """The experiment with the arm's prune.* keys replaced (`ours:key=value,...`)."""
     name, _, keys = arm.partition(":")
@@ -48,13 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    data = load_data(config)
-    model = build_model(load_artifact(args.sparse), source=args.sparse)
-    size = config.model.img_size
-    letterbox = uses_letterbox(config, model)
-    score = config_evaluator(config, data.val, data.names, letterbox)
-    cal = Calibrated.from_config(config, data.train, letterbox, data.names)
-    base = profile_summary(model.blocks, size, size)
+    data, model, size, score, cal, base = setup(config, args.sparse)
     out = Path(args.json)
     doc = json.loads(out.read_text()) if out.exists() else {"rows": []}
     doc["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

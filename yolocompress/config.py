@@ -217,26 +217,30 @@ class EvalConfig(_Section):
         _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
-def _check_stage_budget(section: Any) -> None:
-    """A training stage's own `epochs` / `steps` / `lr` overrides: null, or >= 1 / >= 1 / > 0."""
-    _require(section.epochs is None or section.epochs >= 1, "epochs", "must be >= 1 or null",
-             section.epochs)
-    _require(section.steps is None or section.steps >= 1, "steps", "must be >= 1 or null",
-             section.steps)
-    _require(section.lr is None or section.lr > 0, "lr", "must be > 0 or null", section.lr)
+@dataclass(frozen=True)
+class _StageBudget(_Section):
+    """A training stage's own budget and optimiser; null = the `train` section's."""
+    # this stage's epochs (null: `steps`, else train.epochs); its budget in optimizer steps, used
+    # when epochs is null: the fewest whole epochs that make at least this many (a recipe then
+    # trains as long on 60 images as on 1000); its lr and optimizer
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
+
+    def _validate(self) -> None:
+        _require(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1 or null",
+                 self.epochs)
+        _require(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null",
+                 self.steps)
+        _require(self.lr is None or self.lr > 0, "lr", "must be > 0 or null", self.lr)
 
 
 @dataclass(frozen=True)
-class SparseConfig(_Section):
+class SparseConfig(_StageBudget):
     # stage 1 sparse-rate schedule: local_decay (the method's dynamic rule) | constant (network
     # slimming) | step | cosine | linear | target (adapts s to reach target_fraction)
     schedule: Literal["local_decay", "constant", "step", "cosine", "linear", "target"] = "local_decay"
-    epochs: Optional[int] = None          # this stage's epochs; null = `steps`, else train.epochs
-    # this stage's budget in optimizer steps, used when epochs is null: the fewest whole epochs
-    # that make at least this many (a recipe then trains as long on 60 images as on 1000)
-    steps: Optional[int] = None
-    lr: Optional[float] = None            # this stage's lr; null = train.lr
-    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None  # null = train.optimizer
     s: float = 1e-3                       # base L1 rate on BN gammas; 1e-4 is safer from COCO weights
     switch_at: float = 0.4                # local_decay: after this fraction of the epochs, protect ...
     protect: float = 0.35                 # local_decay: ... this share of largest |gamma| (global rank)
@@ -261,7 +265,7 @@ class SparseConfig(_Section):
     check: float = 0.5
 
     def _validate(self) -> None:
-        _check_stage_budget(self)
+        super()._validate()
         _require(self.s > 0, "s", "must be > 0", self.s)
         _require(self.check >= 0, "check", "must be >= 0", self.check)
         _require(self.gamma_lr_mult > 0, "gamma_lr_mult", "must be > 0", self.gamma_lr_mult)
@@ -348,7 +352,7 @@ class PruneConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DistillConfig(_Section):
+class DistillConfig(_StageBudget):
     # layers whose spatial attention the student learns ("conv54", ...); empty = the method's
     # layers by role: backbone stage outputs s2-s16, the layer feeding each upsample, head convs
     layers: tuple[str, ...] = ()
@@ -366,15 +370,11 @@ class DistillConfig(_Section):
     # student's BN, so an identical student has zero loss; "eval" = its running statistics (the
     # authors' eval-mode teacher; on the demo that regime gap alone is 2/3 of the AT term)
     teacher_bn: Literal["eval", "batch"] = "batch"
-    # this stage's epochs (null: `steps`, optimizer steps as sparse.steps), lr and optimizer (also
-    # those of the plain fine-tune it is compared with); null = train.epochs / lr / optimizer
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
+    # (epochs / steps / lr / optimizer, _StageBudget: also those of the plain fine-tune it is
+    # compared with)
 
     def _validate(self) -> None:
-        _check_stage_budget(self)
+        super()._validate()
         _require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a name",
                  list(self.layers))
         _require(not self.betas or len(self.betas) == len(self.layers), "betas",
@@ -412,22 +412,16 @@ class QuantizeConfig(_Section):
 
 
 @dataclass(frozen=True)
-class GateConfig(_Section):
+class GateConfig(_StageBudget):
     # FBS dynamic channel gating (`yolocompress gate`, compress/gating.py): the share of each gated
     # conv's output channels an image keeps (k-WTA keeps ceil(density * C) by predicted saliency)
     density: float = 0.5
     # one density per pruning group (yolov4: G1-G5, in order) replacing `density`; empty = none
     densities: tuple[float, ...] = ()
     l1: float = 1e-3                      # weight of the L1 term on the saliencies g ("gate")
-    # this stage's epochs (null: `steps`, optimizer steps as sparse.steps), lr and optimizer;
-    # null = train.epochs / lr / optimizer
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
 
     def _validate(self) -> None:
-        _check_stage_budget(self)
+        super()._validate()
         _require(0 < self.density <= 1, "density", "must be in (0, 1]", self.density)
         _require(all(0 < d <= 1 for d in self.densities), "densities",
                  "must be fractions in (0, 1]", list(self.densities))
