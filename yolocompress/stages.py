@@ -105,6 +105,10 @@ def batch_sizes(text: str) -> list[int]:
 
 
 _TRAIN_READS = ("model", "data", "train", "augment", "eval")
+_FROM_TRAINED = Option(("--from",), {"dest": "from_artifact", "metavar": "ARTIFACT",
+                                     "help": "start from this artifact, e.g. "
+                                             "runs/<name>/baseline/best.pt (default: "
+                                             "model.weights)"})
 _STUDENT = Option(("--student",), {"required": True,
                                    "help": "pruned artifact, e.g. runs/<name>/pruned/best.pt"})
 
@@ -123,9 +127,7 @@ register(Stage(
     pipeline_step="yolocompress.compress.sparse_stage:pipeline_step", command="sparse",
     help="stage 1: sparse training of the prunable BN gammas (L1)",
     config_help="experiment YAML (its `sparse` section)", example="sparse.s=1e-4",
-    options=(Option(("--from",), {"dest": "from_artifact", "metavar": "ARTIFACT",
-                                  "help": "start from this artifact, e.g. runs/<name>/baseline/"
-                                          "best.pt (default: model.weights)"}),),
+    options=(_FROM_TRAINED,),
     entry="yolocompress.compress.sparse_stage:command",
     build="yolocompress.compress.sparse_stage:build_sparse"))
 register(Stage(
@@ -190,9 +192,7 @@ register(Stage(
     plots=("training_curves.png", "channel_usage.png", "pr_curves.png"), command="gate",
     help="FBS dynamic channel gating: per image, keep each prunable conv's most salient channels",
     config_help="experiment YAML (its `gate` section)", example="gate.density=0.5",
-    options=(Option(("--from",), {"dest": "from_artifact", "metavar": "ARTIFACT",
-                                  "help": "start from this artifact, e.g. runs/<name>/baseline/"
-                                          "best.pt (default: model.weights)"}),),
+    options=(_FROM_TRAINED,),
     entry="yolocompress.compress.gate_stage:command",
     build="yolocompress.compress.gate_stage:build_gate"))
 
