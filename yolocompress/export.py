@@ -38,8 +38,8 @@ from .models.weights import save_darknet_weights
 from .models.yolo import decode
 from .onnx_backend import metadata_props, session
 
-__all__ = ["DEFAULT_OPSET", "MISH_FORMS", "DecodedModel", "SigmoidMish", "export_darknet",
-           "export_onnx", "check_onnx"]
+__all__ = ["DEFAULT_OPSET", "MISH_FORMS", "DecodedModel", "SigmoidMish", "deploy_form",
+           "export_darknet", "export_onnx", "check_onnx"]
 
 DEFAULT_OPSET = 17   # 17 and 18 give the same graph with the sigmoid mish (docs/BENCHMARKS.md)
 
@@ -98,6 +98,12 @@ def _pooling_pads(model: nn.Module) -> nn.Module:
     return model
 
 
+def deploy_form(model: nn.Module, mish: str = "sigmoid") -> nn.Module:
+    """`model` (changed in place) as the ONNX export writes it: mish as MISH_FORMS[mish], even
+    maxpool padding inside the MaxPool. The latency table times this form too."""
+    return _pooling_pads(_replace_mish(model, MISH_FORMS[mish][0]))
+
+
 class DecodedModel(nn.Module):
     """Darknet model + decode: image batch -> (B, N, 5+C) decoded rows."""
 
@@ -140,7 +146,7 @@ def export_onnx(art: dict, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_
     written as `MISH_FORMS[mish]`; `out` may not be one of `inputs`."""
     if mish not in MISH_FORMS:
         raise YoloCompressError(f"unknown mish form '{mish}' (one of {', '.join(MISH_FORMS)})")
-    form, min_opset = MISH_FORMS[mish]
+    min_opset = MISH_FORMS[mish][1]
     if opset < 13:
         raise YoloCompressError(f"ONNX opset {opset} is too old; use 13 or newer")
     if opset < min_opset:
@@ -156,7 +162,7 @@ def export_onnx(art: dict, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_
     out = Path(out)
     refuse_overwrite([out], inputs)
     darknet = build_model(art)
-    model = DecodedModel(_pooling_pads(_replace_mish(darknet, form))).eval()
+    model = DecodedModel(deploy_form(darknet, mish)).eval()
     h, w = art["input_size"]
     dummy = torch.zeros(1, 3, h, w)
     buf = io.BytesIO()

@@ -104,13 +104,11 @@ def table_key(blocks: list[Block], size: tuple[int, int], backend: str, threads:
 
 
 def _conv_module(b: Block, cin: int, cout: int) -> nn.Module:
-    from ..export import SigmoidMish
+    from ..export import deploy_form
 
     k, s, pad = b.get_int("size"), b.get_int("stride", 1), conv_padding(b)
-    act = activation(b, "logistic")
-    if isinstance(act, nn.Mish):
-        act = SigmoidMish()
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, pad, bias=True), act).eval()
+    conv = nn.Conv2d(cin, cout, k, s, pad, bias=True)
+    return deploy_form(nn.Sequential(conv, activation(b, "logistic"))).eval()
 
 
 class _Timer:
@@ -142,11 +140,11 @@ class _Timer:
 
 def _whole(blocks: list[Block], size: tuple[int, int], timer: _Timer) -> float:
     """ms of the whole model (random weights, BN folded, mish as exported; raw head outputs)."""
-    from ..export import SigmoidMish, _replace_mish
+    from ..export import deploy_form
     from ..models.darknet import Darknet
     from ..models.fuse import fuse_batchnorm
 
-    model = _replace_mish(fuse_batchnorm(Darknet(blocks)), SigmoidMish)
+    model = deploy_form(fuse_batchnorm(Darknet(blocks)))
     return timer(_Tuple(model).eval(), blocks[0].get_int("channels", 3), size)
 
 
