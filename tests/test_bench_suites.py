@@ -4,16 +4,19 @@ import json
 
 import pytest
 
-from yolocompress.artifacts import file_sha256, load_artifact
-from yolocompress.bench.suites import (ABLATION_HEADING, COMPRESS_HEADING, mean_spread,
+from yolocompress.artifacts import file_sha256, load_artifact, save_artifact
+from yolocompress.bench.suites import (ABLATION_HEADING, COMPRESS_HEADING, PUBLISHED,
+                                       compress_plan, mean_sd, paired, paired_rows, paired_table,
                                        run_ablation)
+from yolocompress.compress.scratch_stage import trained_epochs
 from yolocompress.cli import main
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
+from yolocompress.pipeline import run_to_sparse
 
 from conftest import CHAIN_TRAIN, make_mini
 
-FAST = ["sparse.epochs=1", "distill.epochs=1", "train.epochs=1"]
+FAST = ["sparse.epochs=1", "distill.epochs=1", "train.epochs=1", "prune.search_rounds=4"]
 
 
 @pytest.fixture(scope="module")
@@ -21,51 +24,112 @@ def mini(tmp_path_factory):
     return make_mini(tmp_path_factory.mktemp("mini"), train=CHAIN_TRAIN)
 
 
-def test_mean_spread_by_hand():
-    assert mean_spread([0.2, 0.4, 0.3]) == pytest.approx((0.3, 0.1))
-    assert mean_spread([0.5]) == (0.5, 0.0)
+def test_mean_sd_and_paired_by_hand():
+    assert mean_sd([0.2, 0.4, 0.3]) == pytest.approx((0.3, 0.1))
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    # differences 0.02, 0.04, 0.00: mean 0.02, sd 0.02, t = 0.02 / (0.02 / sqrt 3)
+    d = paired([0.62, 0.64, 0.60], [0.60, 0.60, 0.60])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.02) and d["sd"] == pytest.approx(0.02)
+    assert d["t"] == pytest.approx(3 ** 0.5)
+    assert paired([0.7], [0.6])["t"] is None
+
+
+def _row(budget, method, seed, m):
+    return {"budget": budget, "method": method, "seed": seed, "map50_voc07": m}
+
+
+def test_paired_rows_pair_by_seed_against_torch_pruning():
+    rows = [_row(0.5, "torch_pruning", 0, 0.50), _row(0.5, "torch_pruning", 1, 0.60),
+            _row(0.5, "ours", 1, 0.63), _row(0.5, "ours", 0, 0.52), _row(0.5, "ours", 2, 0.9),
+            _row(0.5, "scratch", 0, 0.40), _row(0.65, "ours", 0, 0.3)]
+    pairs = {(d["budget"], d["method"]): d for d in paired_rows(rows)}
+    # seed 2 has no Torch-Pruning run and the -65 % budget none at all: left out
+    assert set(pairs) == {(0.5, "ours"), (0.5, "scratch")}
+    assert pairs[0.5, "ours"]["seeds"] == [0, 1]
+    assert pairs[0.5, "ours"]["mean"] == pytest.approx(0.025)
+    assert pairs[0.5, "scratch"]["mean"] == pytest.approx(-0.10) and pairs[0.5, "scratch"]["t"] is None
+    assert "+2.5 ± 0.7" in paired_table(paired_rows(rows))
+
+
+def test_compress_plan_runs_every_seed_then_scratch(mini):
+    config = load_config(mini / "exp.yaml", ["bench.budgets=[0.35,0.5]", "bench.seeds=[0,1]",
+                                             "bench.scratch_seeds=[3]",
+                                             "bench.arms=[scratch,ours,torch_pruning]"])
+    assert compress_plan(config) == [
+        (0.35, "ours", 0), (0.35, "torch_pruning", 0), (0.5, "ours", 0), (0.5, "torch_pruning", 0),
+        (0.35, "ours", 1), (0.35, "torch_pruning", 1), (0.5, "ours", 1), (0.5, "torch_pruning", 1),
+        (0.35, "scratch", 3), (0.5, "scratch", 3)]
 
 
 def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp_path):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    published = tmp_path / "bench" / "compress.json"
     args = ["bench", "compress", "--config", str(mini / "exp.yaml"), "--latency-iters", "1",
-            "--markdown", str(md), *FAST, "bench.budgets=[0.5]",
-            "bench.arms=[ours,ours_no_distill,ours_search,global,torch_pruning]"]
+            "--markdown", str(md), "--json", str(published), *FAST, "bench.budgets=[0.5]",
+            "bench.seeds=[0]", "bench.scratch_seeds=[0]",
+            "bench.arms=[ours,ours_finetune,torch_pruning,global,scratch]"]
     assert main(args) == 0
     bench = mini / "runs" / "exp" / "bench"
     result = json.loads((bench / "compress.json").read_text())
-    base, sparse = result["reference"]
-    rows = {r["arm"]: r for r in result["rows"]}
-    assert set(rows) == {"ours", "ours_no_distill", "ours_search", "global", "torch_pruning"}
-    for arm, r in rows.items():
-        assert 1 - r["flops"] / base["flops"] == pytest.approx(0.5, abs=0.011), arm
-        assert r["budget"] == 0.5 and r["seed"] == 0 and r["pruned_map50_voc07"] is not None
+    base, sparse = result["baseline"], result["sparse"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"ours", "ours_finetune", "torch_pruning", "global", "scratch"}
+    for method, r in rows.items():
+        assert 1 - r["flops"] / base["flops"] == pytest.approx(0.5, abs=0.011), method
+        assert r["budget"] == 0.5 and r["seed"] == 0 and r["map50_pruned"] is not None
         # every arm descends from the one shared sparse model
-        assert any(step["sha256"] == sparse["sha256"] for step in r["lineage"]), arm
+        assert any(step["sha256"] == sparse["sha256"] for step in r["lineage"]), method
     assert rows["ours"]["stage"] == "distilled" and rows["global"]["stage"] == "finetuned"
-    # ours and ours_no_distill recover the same pruned model
-    assert rows["ours"]["parent"] == rows["ours_no_distill"]["parent"]
-    assert load_artifact(bench / "flops50" / "global" / "pruned" / "best.pt")["prune"][
-        "percents"].keys() == {"all"}
-    # the search arm starts from 0 % in every group; the plain arm from the method's percents
-    search = load_artifact(bench / "flops50" / "groups_search" / "pruned" / "best.pt")["prune"]
-    assert search["settings"]["grouping"] == "groups" and search["budget"]["method"] == "greedy"
-    assert search["percents"] != load_artifact(
-        bench / "flops50" / "groups" / "pruned" / "best.pt")["prune"]["percents"]
+    # ours, its fine-tune control and scratch share the pruned model (scratch: its architecture)
+    assert rows["ours"]["parent"] == rows["ours_finetune"]["parent"] == rows["scratch"]["parent"]
+    ours_pruned = load_artifact(bench / "flops50" / "ours" / "pruned" / "best.pt")
+    assert ours_pruned["prune"]["budget"]["method"] == "evolve"     # the pipeline's default
+    slim = load_artifact(bench / "flops50" / "global" / "pruned" / "best.pt")["prune"]
+    assert slim["percents"].keys() == {"all"} and slim["settings"]["importance"] == "bn_gamma_abs"
+    # scratch: the pruned cfg from random init, for baseline + sparse + recovery epochs (1 each)
+    scratch = load_artifact(rows["scratch"]["artifact"])
+    assert scratch["stage"] == "scratch" and scratch["cfg"] == ours_pruned["cfg"]
+    assert rows["scratch"]["epochs"] == scratch["scratch"]["epochs"] == 3
+    assert rows["ours"]["epochs"] == rows["torch_pruning"]["epochs"] == result["recovery_epochs"] == 1
+    assert {d["method"] for d in result["paired"]} == {"ours", "ours_finetune", "global", "scratch"}
+    out = json.loads(published.read_text())
+    assert out["baseline"]["map50_voc07"] == base["map50_voc07"]
+    assert all(set(r) == set(PUBLISHED) for r in out["rows"]) and len(out["rows"]) == 5
     text = md.read_text()
     assert COMPRESS_HEADING in text and "## Other\n\nkept" in text
     assert "yolocompress bench compress" in text and "Torch-Pruning" in text
+    assert "minus Torch-Pruning" in text
     assert (bench / "compress_map_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     # the plot the markdown shows sits beside it, linked relatively
     assert (tmp_path / "exp-compress_map_vs_flops.png").is_file()
     assert "![mAP vs FLOPs](exp-compress_map_vs_flops.png)" in text
 
     # re-running reuses every finished piece
-    shas = {arm: file_sha256(r["artifact"]) for arm, r in rows.items()}
+    shas = {method: file_sha256(r["artifact"]) for method, r in rows.items()}
     assert main(args) == 0
-    again = {r["arm"]: r for r in json.loads((bench / "compress.json").read_text())["rows"]}
-    assert {arm: r["sha256"] for arm, r in again.items()} == shas
+    again = {r["method"]: r for r in json.loads((bench / "compress.json").read_text())["rows"]}
+    assert {method: r["sha256"] for method, r in again.items()} == shas
+
+
+def test_trained_epochs_counts_the_lineage_and_refuses_what_it_cannot_count(mini, tmp_path):
+    paths = run_to_sparse(load_config(mini / "exp.yaml", FAST))    # reused when complete
+    sparse = paths["sparse"]
+    assert trained_epochs(paths["baseline"]) == 1
+    assert trained_epochs(sparse) == 2                 # baseline 1 + sparse 1
+    art = load_artifact(sparse)
+    gone = {**art, "lineage": [{**art["lineage"][0], "path": str(tmp_path / "nope.pt")}]}
+    save_artifact(gone, tmp_path / "gone.pt")
+    with pytest.raises(YoloCompressError, match="nope.pt is gone.*bench.scratch_epochs"):
+        trained_epochs(tmp_path / "gone.pt")
+    changed = {**art, "lineage": [{**art["lineage"][0], "sha256": "0" * 64}]}
+    save_artifact(changed, tmp_path / "changed.pt")
+    with pytest.raises(YoloCompressError, match="changed since"):
+        trained_epochs(tmp_path / "changed.pt")
+    imported = {**art, "lineage": [{**art["lineage"][0], "stage": "imported"}]}
+    save_artifact(imported, tmp_path / "imported.pt")
+    with pytest.raises(YoloCompressError, match="imported model.*epochs are unknown"):
+        trained_epochs(tmp_path / "imported.pt")
 
 
 def test_ablation_reports_every_factor_over_seeds(mini, tmp_path):

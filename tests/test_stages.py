@@ -91,12 +91,11 @@ def test_a_registered_toy_stage_is_a_valid_artifact_stage_and_a_command(mini, mo
 
 def test_pipeline_order_plots_and_recoveries_come_from_the_registry():
     assert PIPELINE == ("baseline", "sparse", "pruned", "distilled")
-    assert {k: s.name for k, s in recovery_stages().items()} == {"distill": "distilled",
-                                                                  "finetune": "finetuned"}
+    assert {k: s.name for k, s in recovery_stages().items()} == {
+        "distill": "distilled", "finetune": "finetuned", "scratch": "scratch"}
     assert "gamma_histograms.png" in STAGES["sparse"].plots
     cfg = load_config(ROOT / "cfg/experiments/demo.yaml")
-    assert set(cfg.bench.arms) == {"ours", "ours_no_distill", "ours_search", "global",
-                                   "torch_pruning"}
+    assert set(cfg.bench.arms) == {"ours", "ours_finetune", "torch_pruning", "global", "scratch"}
     with pytest.raises(YoloCompressError, match="bench.arms"):
         load_config(ROOT / "cfg/experiments/demo.yaml", ["bench.arms=[nope]"])
 
@@ -313,3 +312,25 @@ def test_pipeline_redo_forces_the_named_stage_and_those_after_it(monkeypatch):
     assert calls == [(s, False) for s in steps]
     with pytest.raises(YoloCompressError, match="--redo distill: not a pipeline stage"):
         pipeline.run_steps(None, redo="distill")
+
+
+# ---- the scratch control -----------------------------------------------------------------------
+
+def test_scratch_reinitialises_the_pruned_architecture_with_the_train_seed(mini):
+    from yolocompress.compress.scratch_stage import build_scratch
+    from yolocompress.train.run import load_data
+
+    config = load_config(mini / "exp.yaml", ["train.seed=7", "train.epochs=3"])
+    cfg_out, parts = build_scratch(config, load_data(config), mini / "a.pt")
+    pruned = load_artifact(mini / "a.pt")
+    assert parts.parent["sha256"] == file_sha256(mini / "a.pt")
+    assert parts.extra == {"scratch": {"epochs": 3}}    # a.pt carries no prune record
+    torch.manual_seed(7)
+    fresh = Darknet(read_cfg(ROOT / "cfg/models/yolov4-nano.cfg"), classes=len(NAMES))
+    fresh.initialize()
+    mine = parts.model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in fresh.state_dict().items())
+    assert not torch.equal(mine["layers.0.conv.weight"],
+                           pruned["state_dict"]["layers.0.conv.weight"])
+    with pytest.raises(YoloCompressError, match="the architecture of scratch must be one of: pruned"):
+        build_scratch(config, load_data(config), mini / "t.pt")

@@ -222,7 +222,9 @@ def cmd_bench(args) -> None:
     config = load_config(args.config, args.overrides)
     md = None if args.no_write else Path(args.markdown or BENCHMARKS_MD)
     if args.suite == "compress":
-        run_compress(config, latency_iters=args.latency_iters, md_path=md)
+        rows = None if args.no_write else Path(args.json or BENCHMARKS_MD.parent / "bench" /
+                                                "compress.json")
+        run_compress(config, latency_iters=args.latency_iters, md_path=md, json_path=rows)
     else:
         run_ablation(config, md_path=md)
 
@@ -407,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed batch-1 CPU passes per model (0: skip)")
         b.add_argument("--markdown", help="write the results section here "
                                           "(default docs/BENCHMARKS.md)")
-        b.add_argument("--no-write", action="store_true", help="do not touch any BENCHMARKS.md")
+        if suite == "compress":
+            b.add_argument("--json", help="write the rows here (default docs/bench/compress.json)")
+        b.add_argument("--no-write", action="store_true",
+                       help="do not touch any BENCHMARKS.md (or, for compress, its JSON rows)")
         b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="VOC / COCO mAP of an artifact, an exported .onnx or a "

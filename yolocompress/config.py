@@ -444,7 +444,12 @@ class BenchConfig(_Section):
     # (the names of stages.ARMS, default all) and the recovery seeds
     budgets: tuple[float, ...] = (0.35, 0.5, 0.65)
     arms: tuple[str, ...] = tuple(ARMS)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # the scratch arm (the pruned architecture from random init) is the expensive one: its seeds,
+    # epochs (null: the epochs behind the sparse model plus a recovery's) and lr (null: train.lr)
+    scratch_seeds: tuple[int, ...] = (0,)
+    scratch_epochs: Optional[int] = None
+    scratch_lr: Optional[float] = None
     # `yolocompress bench ablation`: one budget, every factor over these seeds
     ablation_budget: float = 0.5
     ablation_seeds: tuple[int, ...] = (0, 1)
@@ -456,7 +461,11 @@ class BenchConfig(_Section):
         known = [a for a, arm in ARMS.items() if arm.recovery in recoveries]
         _require(len(self.arms) >= 1 and all(a in known for a in self.arms), "arms",
                  f"must be a non-empty list of {', '.join(known)}", list(self.arms))
-        for name in ("seeds", "ablation_seeds"):
+        _require(self.scratch_epochs is None or self.scratch_epochs >= 1, "scratch_epochs",
+                 "must be >= 1 or null", self.scratch_epochs)
+        _require(self.scratch_lr is None or self.scratch_lr > 0, "scratch_lr", "must be > 0 or "
+                 "null", self.scratch_lr)
+        for name in ("seeds", "ablation_seeds", "scratch_seeds"):
             v = getattr(self, name)
             _require(len(v) >= 1 and len(set(v)) == len(v) and all(x >= 0 for x in v), name,
                      "must be a non-empty list of distinct seeds >= 0", list(v))

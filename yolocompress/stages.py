@@ -172,6 +172,16 @@ register(Stage(
     options=(_STUDENT,), entry="yolocompress.compress.distill_stage:finetune_command",
     build="yolocompress.compress.distill_stage:build_finetune"))
 register(Stage(
+    "scratch", parents=("pruned",), reads=_TRAIN_READS,
+    plots=("training_curves.png", "pr_curves.png"), recovery="scratch", command="scratch",
+    help="train a pruned architecture from random initialisation (pruning's control)",
+    config_help="experiment YAML (the train section: epochs, lr)", example="train.epochs=85",
+    options=(Option(("--student",), {"required": True,
+                                     "help": "pruned artifact whose architecture is trained, "
+                                             "e.g. runs/<name>/pruned/best.pt"}),),
+    entry="yolocompress.compress.scratch_stage:command",
+    build="yolocompress.compress.scratch_stage:build_scratch"))
+register(Stage(
     "quantized", parents=None, section="quantize", reads=("model", "data", "quantize"),
     command="quantize", help="stage 4: INT8 ONNX (ONNX Runtime static quantization) of a model",
     config_help="experiment YAML (its training split and `quantize` section)",
@@ -201,17 +211,18 @@ register(Stage(
 class Arm:
     """A benchmark arm (bench/arms.py): a pruning method, then a registered stage's recovery."""
     name: str
-    pruning: str        # groups (ours) | groups_search | global (network slimming) | torch_pruning
-    recovery: str       # the `recovery` of a registered stage: distill | finetune
+    pruning: str        # ours (the prune section as configured) | global | torch_pruning
+    recovery: str       # the `recovery` of a registered stage: distill | finetune | scratch
     label: str
 
 
 ARMS = {a.name: a for a in (
-    Arm("ours", "groups", "distill", "ours: group thresholds + attention distillation"),
-    Arm("ours_no_distill", "groups", "finetune", "ours without distillation (plain fine-tune)"),
-    Arm("ours_search", "groups_search", "distill",
-        "ours, group percents searched from 0 (greedy, importance per FLOP) + distillation"),
-    Arm("global", "global", "finetune", "one global threshold + fine-tune (network slimming)"),
+    Arm("ours", "ours", "distill", "ours (pipeline defaults) + attention distillation"),
+    Arm("ours_finetune", "ours", "finetune", "ours, plain fine-tune instead of distillation"),
     Arm("torch_pruning", "torch_pruning", "finetune",
         "Torch-Pruning, BN-scale importance, global + fine-tune"),
+    Arm("global", "global", "finetune", "one global |gamma| threshold + fine-tune "
+                                        "(network slimming)"),
+    Arm("scratch", "ours", "scratch", "ours' architecture from random init, all the epochs "
+                                      "(Liu et al. 2019)"),
 )}

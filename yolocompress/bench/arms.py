@@ -1,5 +1,6 @@
 """Benchmark arms: a shared sparse model -> pruned by one method to a FLOPs budget -> recovered by
-attention distillation or plain fine-tuning -> scored like a pipeline stage.
+attention distillation or plain fine-tuning (or, the scratch control, its architecture trained
+from random initialisation) -> scored like a pipeline stage.
 
 Every arm runs in its own folder `<root>/<arm>/` (pruned/, then distilled/ or finetuned/), so
 finished pieces are reused (by the stages' one skip rule, inputs.py) when a benchmark is re-run;
@@ -16,6 +17,7 @@ from ..artifacts import (artifact_from_model, build_model, lineage_of, load_arti
 from ..compress.distill_stage import run_distill, run_finetune
 from ..compress.prune_search import Calibrated
 from ..compress.prune_stage import run_prune
+from ..compress.scratch_stage import run_scratch, trained_epochs
 from ..config import Config
 from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
@@ -24,9 +26,9 @@ from ..inputs import reuse_complete, stage_inputs
 from ..models.profile import profile_summary
 from ..pipeline import score_artifact
 from ..stages import ARMS, Arm, recovery_stages
-from ..train.run import config_evaluator
+from ..train.run import config_evaluator, with_stage_budget
 
-__all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm"]
+__all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm", "recovery_epochs", "scratch_config"]
 
 
 def arm_config(config: Config, root: Path, folder: str, seed: int | None = None) -> Config:
@@ -74,33 +76,54 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
     if pruning == "torch_pruning":
         _tp_prune_artifact(cfg, sparse, budget, out)
         return out
-    # groups: the configured (the method's hand-set) group percents scaled to the budget;
-    # groups_search: the greedy search from 0 %; global: one threshold, bisected
-    settings = {"groups": ("groups", "greedy", cfg.prune.percents),
-                "groups_search": ("groups", "greedy", (0.0,)),
-                "global": ("global", "scale", (0.5,))}
+    # ours: the experiment's prune section as it is (the pipeline's method) aimed at the budget;
+    # global: network slimming, one threshold on raw |gamma| over every prunable conv, bisected
+    settings = {"ours": {},
+                "global": {"grouping": "global", "importance": "bn_gamma_abs",
+                           "budget_method": "scale", "percents": (0.5,), "layers": 0}}
     if pruning not in settings:
-        raise YoloCompressError(f"unknown pruning method '{pruning}' (groups, groups_search, "
-                                f"global, torch_pruning)")
-    grouping, method, percents = settings[pruning]
-    pc = dataclasses.replace(cfg.prune, grouping=grouping, budget_target="flops",
-                             budget_ratio=budget, budget_method=method, percents=percents)
+        raise YoloCompressError(f"unknown pruning method '{pruning}' (ours, global, "
+                                f"torch_pruning)")
+    pc = dataclasses.replace(cfg.prune, budget_target="flops", budget_ratio=budget,
+                             **settings[pruning])
     run_prune(dataclasses.replace(cfg, prune=pc), from_artifact=sparse, out=out,
               latency_iters=0)
     return out
 
 
+def recovery_epochs(config: Config, n_train: int) -> int:
+    """The epochs every distill / fine-tune recovery trains (distill.epochs, or its steps)."""
+    return with_stage_budget(config, config.distill, n_train).train.epochs
+
+
+def scratch_config(config: Config, sparse: Path, n_train: int) -> Config:
+    """The scratch arm's training: bench.scratch_epochs (null: the epochs behind the sparse model
+    plus a recovery's, as many as the pruned-and-recovered arms trained in all) at
+    bench.scratch_lr (null: train.lr)."""
+    bc = config.bench
+    epochs = bc.scratch_epochs or trained_epochs(sparse) + recovery_epochs(config, n_train)
+    return dataclasses.replace(config, train=dataclasses.replace(
+        config.train, epochs=epochs, lr=bc.scratch_lr or config.train.lr))
+
+
 def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, seed: int,
             latency_iters: int = 30) -> dict:
     """Prune (shared by arms with the same pruning), recover with `seed`, score; the report row
-    of the recovered model plus arm, budget, seed and the mAP right after pruning."""
+    of the recovered model plus method, budget, seed, the mAP right after pruning and the epochs
+    the recovery trained."""
     pruned = prune_arm(config, root, arm.pruning, sparse, budget)
     cfg = arm_config(config, root, f"{arm.name}-seed{seed}", seed)
     if arm.recovery == "distill":
         best = run_distill(cfg, pruned, sparse)
-    else:
+    elif arm.recovery == "finetune":
         best = run_finetune(cfg, pruned)
+    else:
+        n_train = len(load_split(load_descriptor(cfg.require_file("data.descriptor")), "train",
+                                 strict=cfg.data.strict))
+        cfg = scratch_config(cfg, sparse, n_train)
+        best = run_scratch(cfg, pruned)
+    epochs = load_artifact(best)["config"]["train"]["epochs"]
     row = score_artifact(cfg, recovery_stages()[arm.recovery].name, best, latency_iters)
-    row.update(arm=arm.name, label=arm.label, budget=budget, seed=seed,
-               pruned_map50_voc07=load_artifact(pruned)["metrics"].get("map50_voc07"))
+    row.update(method=arm.name, label=arm.label, budget=budget, seed=seed, epochs=epochs,
+               map50_pruned=load_artifact(pruned)["metrics"].get("map50_voc07"))
     return row

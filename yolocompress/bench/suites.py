@@ -22,23 +22,33 @@ from ..config import Config
 from ..fileio import atomic_open
 from ..pipeline import run_to_sparse, score_artifact
 from ..plotting import new_figure, save_figure
-from ..train.run import run_dir
-from .arms import ARMS, arm_config, prune_arm, run_arm
+from ..train.run import load_data, run_dir
+from .arms import ARMS, arm_config, prune_arm, recovery_epochs, run_arm
 
-__all__ = ["mean_spread", "run_compress", "run_ablation", "COMPRESS_HEADING", "ABLATION_HEADING"]
+__all__ = ["mean_sd", "paired", "compress_plan", "run_compress", "run_ablation", "COMPRESS_HEADING",
+           "ABLATION_HEADING"]
 
 COMPRESS_HEADING = "## Compression vs peers at equal FLOPs"
 ABLATION_HEADING = "## Ablation: what each part of the method buys"
 
 
-def mean_spread(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half the range): the `mean ± spread` of a handful of seeds."""
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value): the `mean ± sd` over seeds."""
     v = np.asarray(values, float)
-    return float(v.mean()), float((v.max() - v.min()) / 2)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict:
+    """a - b paired by index (seed): mean, sd and the paired t statistic (None below 2 pairs or
+    for a zero spread)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    mean, sd = mean_sd(d)
+    t = mean / (sd / math.sqrt(len(d))) if len(d) > 1 and sd > 0 else None
+    return {"n": len(d), "mean": mean, "sd": sd, "t": t}
 
 
 def _pm(values: Sequence[float], digits: int = 3) -> str:
-    m, s = mean_spread(values)
+    m, s = mean_sd(values)
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -67,35 +77,67 @@ def _group(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
 
 
 def compress_table(rows: Sequence[dict], reference: Sequence[dict]) -> str:
-    """Markdown: one line per (budget, arm), seeds pooled as mean ± spread."""
+    """Markdown: one line per (budget, method), seeds pooled as mean ± sd."""
     base = reference[0]
     lines = ["| FLOPs budget | method | FLOPs | params | mAP@0.5 VOC07 pruned | after recovery | "
-             "all-point | CPU ms (b1) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+             "all-point | epochs | CPU ms (b1) | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in reference:
         lines.append(f"| - | {r['stage']} (unpruned) | {r['flops'] / 1e9:.3f}G | "
                      f"{r['params'] / 1e6:.3f}M | - | {r['map50_voc07']:.3f} | "
-                     f"{r['map50_all']:.3f} | {r['latency_ms_b1'] or float('nan'):.1f} | - |")
-    for (budget, arm), group in _group(rows, "budget", "arm").items():
+                     f"{r['map50_all']:.3f} | - | {r['latency_ms_b1'] or float('nan'):.1f} | - |")
+    for (budget, method), group in sorted(_group(rows, "budget", "method").items(),
+                                          key=lambda kv: (kv[0][0], list(ARMS).index(kv[0][1]))):
         r = group[0]
-        pruned = [g["pruned_map50_voc07"] for g in group if g["pruned_map50_voc07"] is not None]
+        pruned = [g["map50_pruned"] for g in group if g["map50_pruned"] is not None]
         lines.append(
-            f"| -{budget:.0%} | {ARMS[arm].label} | {r['flops'] / 1e9:.3f}G "
+            f"| -{budget:.0%} | {ARMS[method].label} | {r['flops'] / 1e9:.3f}G "
             f"({r['flops'] / base['flops'] - 1:+.1%}) | {r['params'] / 1e6:.3f}M "
             f"({r['params'] / base['params'] - 1:+.1%}) | {_pm(pruned) if pruned else '-'} | "
             f"{_pm([g['map50_voc07'] for g in group])} | {_pm([g['map50_all'] for g in group])} | "
+            f"{r['epochs']} | "
             f"{_pm([g['latency_ms_b1'] for g in group if g['latency_ms_b1']] or [math.nan], 1)} | "
             f"{len(group)} |")
     return "\n".join(lines)
 
 
+PEER = "torch_pruning"
+
+
+def paired_rows(rows: Sequence[dict], peer: str = PEER) -> list[dict]:
+    """Every method minus `peer` at each budget, mAP@0.5 VOC07 paired by seed (the seeds both
+    ran)."""
+    out = []
+    for (budget, method), group in _group(rows, "budget", "method").items():
+        theirs = {r["seed"]: r["map50_voc07"] for r in rows
+                  if r["budget"] == budget and r["method"] == peer}
+        mine = {r["seed"]: r["map50_voc07"] for r in group}
+        seeds = sorted(set(mine) & set(theirs))
+        if method == peer or not seeds:
+            continue
+        out.append({"budget": budget, "method": method, "vs": peer, "seeds": seeds,
+                    **paired([mine[s] for s in seeds], [theirs[s] for s in seeds])})
+    return sorted(out, key=lambda d: (d["budget"], list(ARMS).index(d["method"])))
+
+
+def paired_table(pairs: Sequence[dict]) -> str:
+    lines = ["| FLOPs budget | method | minus Torch-Pruning (mAP@0.5 points, paired by seed) | "
+             "paired t | seeds |", "|---|---|---|---|---|"]
+    for d in pairs:
+        t = "-" if d["t"] is None else f"{d['t']:+.1f}"
+        lines.append(f"| -{d['budget']:.0%} | {ARMS[d['method']].label} | "
+                     f"{100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} | {t} | {d['n']} |")
+    return "\n".join(lines)
+
+
 def plot_compress(rows: Sequence[dict], reference: Sequence[dict], path: Path) -> Path:
-    """mAP@0.5 (VOC07, mean over seeds) vs FLOPs, one line per arm, the unpruned models as points."""
+    """mAP@0.5 (VOC07, mean over seeds) vs FLOPs, one line per method, the unpruned models as
+    points."""
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
-    for arm, group in _group(rows, "arm").items():
+    for method, group in _group(rows, "method").items():
         pts = sorted((g[0]["flops"] / 1e9, float(np.mean([x["map50_voc07"] for x in g])))
                      for g in _group(group, "budget").values())
-        ax.plot(*zip(*pts), marker="o", label=ARMS[arm[0]].label)
+        ax.plot(*zip(*pts), marker="o", label=ARMS[method[0]].label)
     for r in reference:
         ax.scatter([r["flops"] / 1e9], [r["map50_voc07"]], marker="*", s=120, label=r["stage"])
     ax.set_xlabel("GFLOPs at the experiment's input size")
@@ -105,33 +147,64 @@ def plot_compress(rows: Sequence[dict], reference: Sequence[dict], path: Path) -
     return save_figure(fig, path)
 
 
-def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None = BENCHMARKS_MD,
-                 plot_path: Path | None = None) -> dict:
-    """Every arm at every budget and seed of `config.bench`; returns {"reference", "rows"}."""
+# what docs/bench/compress.json keeps of a row (the run folder's compress.json has all of it)
+PUBLISHED = ("budget", "method", "seed", "stage", "map50_voc07", "map50_pruned", "map50_all",
+             "flops", "params", "latency_ms_b1", "latency_threads", "epochs", "sha256")
+
+
+def compress_plan(config: Config) -> list[tuple[float, str, int]]:
+    """(budget, method, seed) in run order: every seed's full table before the next seed's, the
+    scratch arm (the longest) last, over bench.scratch_seeds."""
     bc = config.bench
+    plan = [(b, arm, seed) for seed in bc.seeds for b in bc.budgets for arm in bc.arms
+            if ARMS[arm].recovery != "scratch"]
+    return plan + [(b, arm, seed) for seed in bc.scratch_seeds for b in bc.budgets
+                   for arm in bc.arms if ARMS[arm].recovery == "scratch"]
+
+
+def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None = BENCHMARKS_MD,
+                 plot_path: Path | None = None, json_path: Path | None = None) -> dict:
+    """Every arm at every budget and seed of `config.bench` (compress_plan); the result so far is
+    saved after each row (runs/<name>/bench/compress.json), so a stopped run shows its progress
+    and a re-run reuses every finished piece. Returns {"baseline", "sparse", "rows", "paired"};
+    `json_path` gets the published form (PUBLISHED keys of each row)."""
     paths = run_to_sparse(config)
     root = run_dir(config) / "bench"
-    rows = [run_arm(config, root / f"flops{round(b * 100)}", ARMS[arm], paths["sparse"], b,
-                    seed, latency_iters)
-            for b in bc.budgets for arm in bc.arms for seed in bc.seeds]
     reference = _reference(config, paths, latency_iters)
-    result = {"experiment": config.name, "reference": reference, "rows": rows}
-    _save_json(root / "compress.json", result)
+    n_train = len(load_data(config).train)
+    result = {"experiment": config.name, "command": _command("compress", config),
+              "recovery_epochs": recovery_epochs(config, n_train),
+              "baseline": reference[0], "sparse": reference[1], "rows": [], "paired": []}
+    for b, arm, seed in compress_plan(config):
+        result["rows"].append(run_arm(config, root / f"flops{round(b * 100)}", ARMS[arm],
+                                      paths["sparse"], b, seed, latency_iters))
+        result["paired"] = paired_rows(result["rows"])
+        _save_json(root / "compress.json", result)
+    rows = result["rows"]
+    if json_path is not None:
+        _save_json(Path(json_path), {
+            **{k: result[k] for k in ("experiment", "command", "recovery_epochs", "paired")},
+            "machine": machine("torch", "torch-pruning"),
+            **{k: {key: result[k][key] for key in ("map50_voc07", "map50_all", "flops", "params",
+                                                     "latency_ms_b1", "sha256")}
+               for k in ("baseline", "sparse")},
+            "rows": [{k: r[k] for k in PUBLISHED} for r in rows]})
     plot_path = plot_compress(rows, reference, plot_path or root / "compress_map_vs_flops.png")
     if md_path is not None:         # the markdown's plot lives beside it (runs/ is not shipped)
         beside = Path(md_path).parent / f"{config.name}-compress_map_vs_flops.png"
         with open(plot_path, "rb") as src, atomic_open(beside, "wb") as dst:
             shutil.copyfileobj(src, dst)
         plot_path = beside
-    table = compress_table(rows, reference)
+    table = compress_table(rows, reference) + "\n\n" + paired_table(result["paired"])
     print(table)
     if md_path is not None:
         notes = (f"`{config.name}` experiment; every arm prunes the same sparse model to the FLOPs "
-                 f"budget, then recovers for {config.distill.epochs or config.train.epochs} "
-                 f"epochs; mAP on the val split; CPU latency median of batch-1 passes, 1 thread")
+                 f"budget, then recovers for {result['recovery_epochs']} epochs (scratch: the "
+                 f"epochs column); mAP on the val split, mean ± sd over seeds; CPU latency median "
+                 f"of batch-1 passes in torch, 1 thread")
         write_result(COMPRESS_HEADING, notes, machine("torch", "torch-pruning"),
                      f"{table}\n\n![mAP vs FLOPs]({_rel(plot_path, md_path)})", md_path,
-                     command=_command("compress", config))
+                     command=result["command"])
     return result
 
 
@@ -151,21 +224,21 @@ def _sparse_variant(config: Config, root: Path, schedule: str, seed: int, paths:
 
     if schedule == config.sparse.schedule and seed == config.train.seed:
         sparse = paths["sparse"]
-        pruned = prune_arm(config, shared, "groups", sparse, budget)
+        pruned = prune_arm(config, shared, "ours", sparse, budget)
     else:
         folder = f"sparse-{schedule}-seed{seed}"
         cfg = arm_config(config, root, folder, seed)
         cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, schedule=schedule))
         sparse = run_sparse(cfg, from_artifact=paths["baseline"])
-        pruned = prune_arm(cfg, root / folder, "groups", sparse, budget)
+        pruned = prune_arm(cfg, root / folder, "ours", sparse, budget)
     art = load_artifact(sparse)
     return {"sparse_map50_voc07": art["metrics"].get("map50_voc07"),
             "frac_below_1e-2": art["sparsity"]["stats"]["frac_below_1e-2"],
-            "pruned_map50_voc07": load_artifact(pruned)["metrics"]["map50_voc07"]}
+            "map50_pruned": load_artifact(pruned)["metrics"]["map50_voc07"]}
 
 
 def ablation_table(factors: Sequence[dict]) -> str:
-    lines = ["| factor | variant | metric | mean ± spread | per seed |", "|---|---|---|---|---|"]
+    lines = ["| factor | variant | metric | mean ± sd | per seed |", "|---|---|---|---|---|"]
     for f in factors:
         for variant, runs in f["variants"].items():
             for metric in f["metrics"]:
@@ -190,21 +263,20 @@ def run_ablation(config: Config, md_path: Path | None = BENCHMARKS_MD,
                 for s in seeds]
 
     def recovered(rows: list[dict]) -> list[dict]:
-        return [{"pruned_map50_voc07": r["pruned_map50_voc07"], "map50_voc07": r["map50_voc07"]}
-                for r in rows]
+        return [{"map50_pruned": r["map50_pruned"], "map50_voc07": r["map50_voc07"]} for r in rows]
 
     factors = [
         {"factor": "sparse rate", "metrics": ["sparse_map50_voc07", "frac_below_1e-2",
-                                               "pruned_map50_voc07"],
+                                               "map50_pruned"],
          "variants": {sched: [_sparse_variant(config, root / "ablation", sched, s, paths,
                                               budget, shared) for s in seeds]
                       for sched in ("local_decay", "constant")}},
-        {"factor": "threshold", "metrics": ["pruned_map50_voc07", "map50_voc07"],
-         "variants": {"per group (ours)": recovered(arms("ours_no_distill")),
+        {"factor": "threshold", "metrics": ["map50_pruned", "map50_voc07"],
+         "variants": {"per group (ours)": recovered(arms("ours_finetune")),
                       "one global": recovered(arms("global"))}},
         {"factor": "recovery", "metrics": ["map50_voc07"],
          "variants": {"attention distillation": recovered(arms("ours")),
-                      "plain fine-tune": recovered(arms("ours_no_distill"))}},
+                      "plain fine-tune": recovered(arms("ours_finetune"))}},
     ]
     result = {"experiment": config.name, "budget": budget, "seeds": list(seeds),
               "factors": factors}
@@ -214,7 +286,7 @@ def run_ablation(config: Config, md_path: Path | None = BENCHMARKS_MD,
     if md_path is not None:
         notes = (f"`{config.name}` experiment; FLOPs budget -{budget:.0%}; seeds "
                  f"{', '.join(map(str, seeds))} (sparse training seed for the sparse-rate factor, "
-                 f"the recovery's seed otherwise); spread = half the range")
+                 f"the recovery's seed otherwise); ± is the sd over seeds")
         write_result(ABLATION_HEADING, notes, machine("torch"), table, md_path,
                      command=_command("ablation", config))
     return result
