@@ -8,7 +8,10 @@ from yolocompress.artifacts import file_sha256, load_artifact, save_artifact
 from yolocompress.bench.suites import (ABLATION_HEADING, COMPRESS_HEADING, PUBLISHED,
                                        compress_plan, mean_sd, paired, paired_rows, paired_table,
                                        run_ablation)
+from yolocompress.bench.arms import ARMS, run_arm
 from yolocompress.compress.scratch_stage import trained_epochs
+from yolocompress.models.cfg import parse_cfg
+from yolocompress.models.profile import profile_summary
 from yolocompress.cli import main
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
@@ -110,6 +113,29 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert main(args) == 0
     again = {r["method"]: r for r in json.loads((bench / "compress.json").read_text())["rows"]}
     assert {method: r["sha256"] for method, r in again.items()} == shas
+
+
+def test_iterative_arm_prunes_in_steps_within_the_same_epochs(mini):
+    config = load_config(mini / "exp.yaml", [*FAST, "distill.epochs=3", "bench.iterative_steps=2"])
+    paths = run_to_sparse(config)
+    root = mini / "runs" / "exp" / "bench-iterative"
+    row = run_arm(config, root, ARMS["ours_iterative"], paths["sparse"], 0.5, 0, latency_iters=0)
+    base = load_artifact(paths["sparse"])
+    flops = row["flops"] / profile_summary(parse_cfg(base["cfg"]), 64, 64)["flops"]
+    assert 1 - flops == pytest.approx(0.5, abs=0.011)
+    # step 1 leaves sqrt(0.5) of the FLOPs and is fine-tuned 1 epoch (3 // 2); step 2 prunes
+    # that fine-tuned model; the distillation gets the 2 epochs left
+    step1 = load_artifact(root / "ours_iterative-seed0" / "step1" / "pruned" / "best.pt")
+    assert step1["prune"]["budget"]["target"] == pytest.approx(1 - 0.5 ** 0.5)
+    ft = load_artifact(root / "ours_iterative-seed0" / "step1" / "finetuned" / "best.pt")
+    assert ft["config"]["train"]["epochs"] == 1 and ft["config"]["train"]["seed"] == 0
+    assert [s["stage"] for s in load_artifact(row["artifact"])["lineage"]][-3:] == [
+        "pruned", "finetuned", "pruned"]
+    assert row["stage"] == "distilled" and row["epochs"] == 3
+    with pytest.raises(YoloCompressError, match="iterative_steps=4: the recovery's 3 epochs"):
+        run_arm(load_config(mini / "exp.yaml", [*FAST, "distill.epochs=3",
+                                                "bench.iterative_steps=4"]),
+                root, ARMS["ours_iterative"], paths["sparse"], 0.5, 1, latency_iters=0)
 
 
 def test_trained_epochs_counts_the_lineage_and_refuses_what_it_cannot_count(mini, tmp_path):

@@ -95,7 +95,8 @@ def test_pipeline_order_plots_and_recoveries_come_from_the_registry():
         "distill": "distilled", "finetune": "finetuned", "scratch": "scratch"}
     assert "gamma_histograms.png" in STAGES["sparse"].plots
     cfg = load_config(ROOT / "cfg/experiments/demo.yaml")
-    assert set(cfg.bench.arms) == {"ours", "ours_finetune", "torch_pruning", "global", "scratch"}
+    assert set(cfg.bench.arms) == {"ours", "ours_finetune", "ours_iterative", "torch_pruning",
+                                   "global", "scratch"}
     with pytest.raises(YoloCompressError, match="bench.arms"):
         load_config(ROOT / "cfg/experiments/demo.yaml", ["bench.arms=[nope]"])
 

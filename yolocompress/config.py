@@ -450,6 +450,9 @@ class BenchConfig(_Section):
     scratch_seeds: tuple[int, ...] = (0,)
     scratch_epochs: Optional[int] = None
     scratch_lr: Optional[float] = None
+    # the ours_iterative arm: prunes to reach each budget, a fine-tune between them (the recovery
+    # epochs split evenly, so it trains no longer than the one-shot arms)
+    iterative_steps: int = 3
     # `yolocompress bench ablation`: one budget, every factor over these seeds
     ablation_budget: float = 0.5
     ablation_seeds: tuple[int, ...] = (0, 1)
@@ -463,6 +466,8 @@ class BenchConfig(_Section):
                  f"must be a non-empty list of {', '.join(known)}", list(self.arms))
         _require(self.scratch_epochs is None or self.scratch_epochs >= 1, "scratch_epochs",
                  "must be >= 1 or null", self.scratch_epochs)
+        _require(self.iterative_steps >= 2, "iterative_steps", "must be >= 2",
+                 self.iterative_steps)
         _require(self.scratch_lr is None or self.scratch_lr > 0, "scratch_lr", "must be > 0 or "
                  "null", self.scratch_lr)
         for name in ("seeds", "ablation_seeds", "scratch_seeds"):

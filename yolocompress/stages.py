@@ -131,7 +131,8 @@ register(Stage(
     entry="yolocompress.compress.sparse_stage:command",
     build="yolocompress.compress.sparse_stage:build_sparse"))
 register(Stage(
-    "pruned", parents=("sparse", "baseline", "imported"), warn_parents=("baseline", "imported"),
+    "pruned", parents=("sparse", "baseline", "imported", "finetuned"),
+    warn_parents=("baseline", "imported"),
     section="prune", reads=("model", "data", "train", "eval", "prune"),
     plots=("channels_kept.png", "gamma_thresholds.png", "pr_curves.png"),
     pipeline_step="yolocompress.compress.prune_stage:pipeline_step", command="prune",
@@ -211,7 +212,8 @@ register(Stage(
 class Arm:
     """A benchmark arm (bench/arms.py): a pruning method, then a registered stage's recovery."""
     name: str
-    pruning: str        # ours (the prune section as configured) | global | torch_pruning
+    pruning: str        # ours (the prune section as configured) | iterative (ours in steps)
+    #                     | global | torch_pruning
     recovery: str       # the `recovery` of a registered stage: distill | finetune | scratch
     label: str
 
@@ -219,6 +221,8 @@ class Arm:
 ARMS = {a.name: a for a in (
     Arm("ours", "ours", "distill", "ours (pipeline defaults) + attention distillation"),
     Arm("ours_finetune", "ours", "finetune", "ours, plain fine-tune instead of distillation"),
+    Arm("ours_iterative", "iterative", "distill", "ours in k prunes, fine-tunes between, "
+                                                  "+ distillation (same total epochs)"),
     Arm("torch_pruning", "torch_pruning", "finetune",
         "Torch-Pruning, BN-scale importance, global + fine-tune"),
     Arm("global", "global", "finetune", "one global |gamma| threshold + fine-tune "

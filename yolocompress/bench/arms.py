@@ -23,6 +23,7 @@ from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
 from ..fileio import atomic_open, remove_stale_temps
 from ..inputs import reuse_complete, stage_inputs
+from ..models.cfg import parse_cfg
 from ..models.profile import profile_summary
 from ..pipeline import score_artifact
 from ..stages import ARMS, Arm, recovery_stages
@@ -91,6 +92,48 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
     return out
 
 
+def _flops(path: Path, size: int) -> float:
+    return profile_summary(parse_cfg(load_artifact(path)["cfg"], source=f"{path}[cfg]"),
+                           size, size)["flops"]
+
+
+def iterative_steps(config: Config, n_train: int) -> tuple[int, int]:
+    """(fine-tune epochs after each prune but the last, the final recovery's epochs): the
+    recovery budget split evenly over bench.iterative_steps, so the arm trains no longer."""
+    total, k = recovery_epochs(config, n_train), config.bench.iterative_steps
+    between = total // k
+    if between < 1:
+        raise YoloCompressError(f"bench.iterative_steps={k}: the recovery's {total} epochs leave "
+                                f"none between the prunes (at most {total} steps)")
+    return between, total - (k - 1) * between
+
+
+def iterative_prune(config: Config, root: Path, sparse: Path, budget: float, seed: int,
+                    n_train: int) -> tuple[Path, int]:
+    """Torch-Pruning's iterative recipe: `sparse` pruned by the experiment's method in
+    bench.iterative_steps prunes to the FLOPs budget (after step i, (1 - budget)^(i/k) of its
+    FLOPs are left; each step aims at that from the FLOPs the last one reached), each but the
+    last followed by a plain fine-tune (seed `seed`). Folders <root>/step<i>/{pruned,finetuned}/;
+    returns (the last pruned artifact, the epochs left for its recovery)."""
+    k, size = config.bench.iterative_steps, config.model.img_size
+    if config.prune.layers:
+        raise YoloCompressError("the ours_iterative arm prunes channels only (prune.layers=0): "
+                                "the distillation's layer names follow one layer pruning")
+    between, final = iterative_steps(config, n_train)
+    f0, current = _flops(sparse, size), sparse
+    for i in range(1, k + 1):
+        ratio = 1 - (1 - budget) ** (i / k) * f0 / _flops(current, size)
+        cfg = arm_config(config, root, f"step{i}", seed)
+        pc = dataclasses.replace(cfg.prune, budget_target="flops", budget_ratio=ratio)
+        pruned = run_prune(dataclasses.replace(cfg, prune=pc), from_artifact=current,
+                           out=root / f"step{i}" / "pruned" / "best.pt", latency_iters=0)
+        if i == k:
+            return pruned, final
+        current = run_finetune(dataclasses.replace(cfg, distill=dataclasses.replace(
+            cfg.distill, epochs=between, steps=None)), pruned)
+    raise AssertionError("unreachable")
+
+
 def recovery_epochs(config: Config, n_train: int) -> int:
     """The epochs every distill / fine-tune recovery trains (distill.epochs, or its steps)."""
     return with_stage_budget(config, config.distill, n_train).train.epochs
@@ -111,18 +154,26 @@ def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, s
     """Prune (shared by arms with the same pruning), recover with `seed`, score; the report row
     of the recovered model plus method, budget, seed, the mAP right after pruning and the epochs
     the recovery trained."""
-    pruned = prune_arm(config, root, arm.pruning, sparse, budget)
     cfg = arm_config(config, root, f"{arm.name}-seed{seed}", seed)
+    n_train = len(load_split(load_descriptor(cfg.require_file("data.descriptor")), "train",
+                             strict=cfg.data.strict))
+    before = 0                          # epochs trained after the sparse model, before recovery
+    if arm.pruning == "iterative":      # pruned per seed: the fine-tunes between prunes are seeded
+        pruned, final = iterative_prune(config, root / f"{arm.name}-seed{seed}", sparse, budget,
+                                        seed, n_train)
+        before = recovery_epochs(config, n_train) - final
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, epochs=final,
+                                                                   steps=None))
+    else:
+        pruned = prune_arm(config, root, arm.pruning, sparse, budget)
     if arm.recovery == "distill":
         best = run_distill(cfg, pruned, sparse)
     elif arm.recovery == "finetune":
         best = run_finetune(cfg, pruned)
     else:
-        n_train = len(load_split(load_descriptor(cfg.require_file("data.descriptor")), "train",
-                                 strict=cfg.data.strict))
         cfg = scratch_config(cfg, sparse, n_train)
         best = run_scratch(cfg, pruned)
-    epochs = load_artifact(best)["config"]["train"]["epochs"]
+    epochs = load_artifact(best)["config"]["train"]["epochs"] + before
     row = score_artifact(cfg, recovery_stages()[arm.recovery].name, best, latency_iters)
     row.update(method=arm.name, label=arm.label, budget=budget, seed=seed, epochs=epochs,
                map50_pruned=load_artifact(pruned)["metrics"].get("map50_voc07"))

@@ -46,8 +46,9 @@ def build_scratch(config: Config, data: DataSplits, student: str | os.PathLike
 
 def trained_epochs(path: str | os.PathLike) -> int:
     """Training epochs behind the artifact at `path`: its own (a training stage's recorded
-    train.epochs) plus every ancestor's in its lineage (each file must still be the one recorded).
-    An ancestor trained outside yolocompress (an imported model) cannot be counted: an error."""
+    train.epochs) plus every ancestor's in its lineage since the last scratch stage (which
+    inherits no weights; each file must still be the one recorded). An ancestor trained outside
+    yolocompress (an imported model) cannot be counted: an error."""
     path = Path(path)
     art = load_artifact(path)
     chain = [(step["stage"], Path(step["path"]), step["sha256"]) for step in art.get("lineage", [])]
@@ -65,7 +66,8 @@ def trained_epochs(path: str | os.PathLike) -> int:
             raise YoloCompressError(f"{where}: changed since {path} was made from it (sha256 "
                                     f"differs; set bench.scratch_epochs)")
         step = art if sha is None else load_artifact(where)
-        total += int(step["config"]["train"]["epochs"])
+        epochs = int(step["config"]["train"]["epochs"])
+        total = epochs if stage == "scratch" else total + epochs
     return total
 
 
