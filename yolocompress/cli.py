@@ -134,10 +134,7 @@ def _load_model(path: str, names=None, threads: int | None = None):
     (ONNX Runtime, `threads` intra-op threads); `names` given: the model's must equal them."""
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_backend import OnnxModel
-        model = OnnxModel(path, threads)
-        if names is not None and list(model.names) != list(names):
-            raise YoloCompressError(f"{path}: model classes {model.names} differ from the data "
-                                    f"set's {list(names)}")
+        model = OnnxModel(path, threads, names)
         return model, model.names, list(model.input_size)
     from .artifacts import build_model, load_parent
     art = load_parent(path, names, role="model")
