@@ -158,9 +158,8 @@ def score_artifact(config: Config, stage: str, path: Path, latency_iters: int = 
         model.cpu()
     prof = profile_summary(blocks, size, size)
     lat = {}
+    kw = {"warmup": max(1, latency_iters // 5), "iters": latency_iters, "threads": latency_threads}
     for batch in ((1, 8) if onnx else (1,)) if latency_iters > 0 else ():
-        kw = {"warmup": max(1, latency_iters // 5), "iters": latency_iters,
-              "threads": latency_threads}
         lat[batch] = (measure_latency_onnx(path, size, batch, **kw) if onnx else
                       measure_latency(model, size, batch, fuse_bn=True, **kw))
     folder = path.parent
