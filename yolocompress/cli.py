@@ -134,10 +134,7 @@ def _load_model(path: str, names=None, threads: int | None = None):
     (ONNX Runtime, `threads` intra-op threads); `names` given: the model's must equal them."""
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_backend import OnnxModel
-        model = OnnxModel(path, threads)
-        if names is not None and list(model.names) != list(names):
-            raise YoloCompressError(f"{path}: model classes {model.names} differ from the data "
-                                    f"set's {list(names)}")
+        model = OnnxModel(path, threads, names)
         return model, model.names, list(model.input_size)
     from .artifacts import build_model, load_parent
     art = load_parent(path, names, role="model")
@@ -383,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_stage_commands(sub)
 
-    s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill, then the report")
+    s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill (-> quantize with "
+                                        "pipeline.quantize=true), then the report")
     s.add_argument("--config", help="experiment YAML (default: the built-in demo, "
                                     "cfg/experiments/demo.yaml)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.out_dir=/tmp/runs")
@@ -394,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-iters", type=int, default=30,
                    help="timed CPU forward passes per artifact (0: skip latency)")
     s.add_argument("--latency-threads", type=int, default=1,
-                   help="torch threads while timing (default 1; 0: torch's default)")
+                   help="threads while timing, torch's or ONNX Runtime's intra-op ones for the "
+                        ".onnx rows (default 1; 0: the runtime's default)")
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("bench", help="compression benchmark against peers, and the ablation")

@@ -434,8 +434,9 @@ class PipelineConfig(_Section):
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
     # always trains (--force over an adopted copy), which is how a shipped baseline is reproduced.
     baseline: Optional[str] = field(default=None, metadata=_PATH)
-
-
+    # run stage 4 after distillation: the distilled model's FP32 and INT8 ONNX in
+    # runs/<name>/quantized/ (the `quantize` section), scored in ONNX Runtime in the report
+    quantize: bool = False
 
 
 @dataclass(frozen=True)

@@ -107,14 +107,19 @@ def _read_metadata(path: Path, meta: dict[str, str]) -> tuple[list[str], tuple[i
 
 
 class OnnxModel:
-    """An exported model in ONNX Runtime: `names`, `input_size`, `letterbox` from its metadata;
-    calling it maps a float (B, 3, H, W) batch at `input_size` to decoded rows (B, N, 5+C)."""
+    """An exported model in ONNX Runtime: `names`, `input_size`, `letterbox` from its metadata
+    (`names` given: its names must equal them); calling it maps a float (B, 3, H, W) batch at
+    `input_size` to decoded rows (B, N, 5+C)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 names: Sequence[str] | None = None):
         self.path = Path(path)
         self.session = session(self.path, threads)
         meta: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
         self.names, self.input_size, self.letterbox = _read_metadata(self.path, meta)
+        if names is not None and list(self.names) != list(names):
+            raise YoloCompressError(f"{self.path}: model classes {self.names} differ from the "
+                                    f"data set's {list(names)}")
         self.classes = len(self.names)
         self._input = self.session.get_inputs()[0].name
 

@@ -2,9 +2,11 @@
 
 A stage names its artifact `stage`, the parent stages it accepts, the config section it owns and
 the sections its result depends on (`reads`: recorded as its inputs, see inputs.py), the plots
-its folder gets, whether it is a pipeline step (registry order is pipeline order) or a benchmark
-recovery, and its `yolocompress` sub-command (options + the `module:function` that runs it, so
-this module imports nothing heavy). artifacts (valid stages), pipeline (order, plots, steps),
+its folder gets, whether it is a pipeline step (registry order is pipeline order; `switch`: a
+bool config key that turns an optional step on) and which files of its folder the pipeline report
+scores (`report_files`; default the step's result), whether it is a benchmark recovery, and its
+`yolocompress` sub-command (options + the `module:function` that runs it, so this module imports
+nothing heavy). artifacts (valid stages), pipeline (order, plots, steps),
 prune (source stages), bench (recovered stages), config (bench arm recoveries) and cli (stage
 sub-commands) all read this table: adding a stage is its module plus one `register(Stage(...))`.
 
@@ -23,7 +25,8 @@ from typing import Any
 from .errors import YoloCompressError
 
 __all__ = ["Option", "Stage", "STAGES", "register", "get_stage", "stage_names",
-           "pipeline_stages", "recovery_stages", "resolve", "batch_sizes", "Arm", "ARMS"]
+           "pipeline_stages", "switched_on", "recovery_stages", "resolve", "batch_sizes", "Arm",
+           "ARMS"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Stage:
     reads: tuple[str, ...] = ()             # config sections its result depends on
     plots: tuple[str, ...] = ()             # files in its folder linked from reports
     pipeline_step: str | None = None        # "module:function" of its pipeline step
+    switch: str | None = None               # "section.key" (a bool) that turns that step on;
+    #                                         None: it always runs
+    report_files: tuple[str, ...] = ()      # files in its folder the pipeline report scores, in
+    #                                         order; (): the step's result
     recovery: str | None = None             # bench arm recovery name that produces it
     command: str | None = None              # its `yolocompress` sub-command
     help: str = ""
@@ -76,8 +83,18 @@ def stage_names() -> tuple[str, ...]:
     return tuple(STAGES)
 
 
-def pipeline_stages() -> tuple[Stage, ...]:
-    return tuple(s for s in STAGES.values() if s.pipeline_step)
+def pipeline_stages(config: Any = None) -> tuple[Stage, ...]:
+    """The stages with a pipeline step, in order; with a `config`, only those switched on."""
+    return tuple(s for s in STAGES.values() if s.pipeline_step
+                 and (config is None or switched_on(s, config)))
+
+
+def switched_on(stage: Stage, config: Any) -> bool:
+    """Whether `stage`'s pipeline step runs under `config` (its `switch` key, if any, is true)."""
+    if stage.switch is None:
+        return True
+    section, _, key = stage.switch.partition(".")
+    return bool(getattr(getattr(config, section), key))
 
 
 def recovery_stages() -> dict[str, Stage]:
@@ -184,7 +201,9 @@ register(Stage(
     build="yolocompress.compress.scratch_stage:build_scratch"))
 register(Stage(
     "quantized", parents=None, section="quantize", reads=("model", "data", "quantize"),
-    command="quantize", help="stage 4: INT8 ONNX (ONNX Runtime static quantization) of a model",
+    pipeline_step="yolocompress.compress.quantize_stage:pipeline_step", switch="pipeline.quantize",
+    report_files=("model-fp32.onnx", "model-int8.onnx"), command="quantize",
+    help="stage 4: INT8 ONNX (ONNX Runtime static quantization) of a model",
     config_help="experiment YAML (its training split and `quantize` section)",
     example="quantize.method=percentile",
     options=(Option(("--from",), {"dest": "from_artifact", "metavar": "MODEL",

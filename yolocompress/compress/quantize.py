@@ -30,8 +30,8 @@ from ..errors import YoloCompressError
 from ..fileio import atomic_open, refuse_overwrite
 from .recalibrate import Calibration
 
-__all__ = ["METHODS", "CalibrationReader", "cpu_has_vnni", "float_nodes", "quantize_onnx",
-           "resolve_reduce_range"]
+__all__ = ["METHODS", "CalibrationReader", "cpu_has_vnni", "float_nodes", "onnx_precision",
+           "quantize_onnx", "resolve_reduce_range"]
 
 METHODS = ("minmax", "entropy", "percentile")   # QuantizeConfig.method -> CalibrationMethod
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -59,6 +59,16 @@ def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
     flags = next((line.partition(":")[2].split() for line in text.splitlines()
                   if line.startswith("flags")), None)
     return None if flags is None else any(f in flags for f in _VNNI_FLAGS)
+
+
+def onnx_precision(path: str | Path) -> str:
+    """"int8" if the ONNX file at `path` has quantized ops (QDQ or QLinear*), else "fp32"."""
+    onnx, _ = _import_quantization()
+    try:
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    except Exception as e:  # onnx raises DecodeError / its own types for a bad file
+        raise YoloCompressError(f"{path}: not a readable ONNX file ({e})") from e
+    return "int8" if ops & {"QuantizeLinear", "QLinearConv", "ConvInteger"} else "fp32"
 
 
 def resolve_reduce_range(setting: bool | None, vnni: bool | None) -> tuple[bool, str]:
