@@ -385,13 +385,18 @@ def test_budget_greedy_from_zero_and_unreachable_targets():
         find_percents_for_budget(blocks, sd, target=("params", 0.3), method="scale")
 
 
+def _nano_and_g3():
+    """(yolov4-nano blocks, a state, its groups, {G3 conv: its filters})."""
+    blocks = read_cfg(cfg_path("yolov4-nano"))
+    groups = group_layers(blocks)
+    return (blocks, _state(blocks), groups,
+            {c: blocks[c + 1].get_int("filters") for c in groups[2].layers})
+
+
 def test_scored_greedy_follows_the_score_and_lands_on_the_budget():
     """A score that punishes any pruning in G3 (and is blind to the rest): the scored search
     takes the FLOPs elsewhere, where the importance-per-FLOP greedy does prune G3."""
-    blocks = read_cfg(cfg_path("yolov4-nano"))
-    sd = _state(blocks)
-    groups = group_layers(blocks)
-    g3 = {c: blocks[c + 1].get_int("filters") for c in groups[2].layers}
+    blocks, sd, groups, g3 = _nano_and_g3()
     calls = []
 
     def score(keep):
@@ -413,10 +418,7 @@ def test_scored_greedy_follows_the_score_and_lands_on_the_budget():
 def test_evolve_starts_from_one_common_threshold_and_follows_the_score():
     """A score that punishes pruning G3: the evolution moves FLOPs out of G3 and every
     candidate lands on the budget; the start is the common threshold of every group."""
-    blocks = read_cfg(cfg_path("yolov4-nano"))
-    sd = _state(blocks)
-    groups = group_layers(blocks)
-    g3 = {c: blocks[c + 1].get_int("filters") for c in groups[2].layers}
+    blocks, sd, groups, g3 = _nano_and_g3()
     seen = []
 
     def score(keep):

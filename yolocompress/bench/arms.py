@@ -127,11 +127,15 @@ def iterative_prune(config: Config, root: Path, sparse: Path, budget: float, see
         pc = dataclasses.replace(cfg.prune, budget_target="flops", budget_ratio=ratio)
         pruned = run_prune(dataclasses.replace(cfg, prune=pc), from_artifact=current,
                            out=root / f"step{i}" / "pruned" / "best.pt", latency_iters=0)
-        if i == k:
-            return pruned, final
-        current = run_finetune(dataclasses.replace(cfg, distill=dataclasses.replace(
-            cfg.distill, epochs=between, steps=None)), pruned)
-    raise AssertionError("unreachable")
+        if i < k:
+            current = run_finetune(with_recovery_epochs(cfg, between), pruned)
+    return pruned, final
+
+
+def with_recovery_epochs(config: Config, epochs: int) -> Config:
+    """`config` whose distill / fine-tune recovery trains exactly `epochs` epochs."""
+    return dataclasses.replace(config, distill=dataclasses.replace(config.distill, epochs=epochs,
+                                                                   steps=None))
 
 
 def recovery_epochs(config: Config, n_train: int) -> int:
@@ -162,8 +166,7 @@ def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, s
         pruned, final = iterative_prune(config, root / f"{arm.name}-seed{seed}", sparse, budget,
                                         seed, n_train)
         before = recovery_epochs(config, n_train) - final
-        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, epochs=final,
-                                                                   steps=None))
+        cfg = with_recovery_epochs(cfg, final)
     else:
         pruned = prune_arm(config, root, arm.pruning, sparse, budget)
     if arm.recovery == "distill":
