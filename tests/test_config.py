@@ -302,7 +302,8 @@ def test_dump_yaml_round_trip(exp, tmp_path, monkeypatch):
         dump_yaml(c, tmp_path / "a-file" / "dir.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-converged", "voc-yolov4", "wildlife-yolov4"])
+@pytest.mark.parametrize("name", ["demo", "demo-converged", "voc-yolov4", "wildlife-yolov4",
+                                  "yolov4-416-latency"])
 def test_shipped_experiments_validate(name):
     c = load_config(EXPERIMENTS / f"{name}.yaml")
     assert c.name == name
@@ -326,6 +327,11 @@ def test_shipped_experiment_recipes():
     assert voc.train.nominal_batch == 64 and voc.train.steps == (0.8, 0.9) and voc.train.scales == 0.1
     # epochs ~= Darknet max_batches * 64 / n_images
     assert abs(voc.train.epochs - 40000 * 64 / 16551) < 1
+    # issue 15's speed-only latency budget: AlexeyAB's yolov4 at 416, 40 % less latency
+    lat = load_config(EXPERIMENTS / "yolov4-416-latency.yaml")
+    assert Path(lat.cfg_path).name == "yolov4.cfg" and lat.model.img_size == 416
+    assert (lat.prune.budget_target, lat.prune.budget_ratio, lat.prune.recalibrate) == \
+        ("latency", 0.4, 0)
     wild = load_config(EXPERIMENTS / "wildlife-yolov4.yaml")
     assert wild.data.descriptor.endswith("wildlife.yaml") and wild.model.cfg == voc.model.cfg
     assert wild.train.lr == voc.train.lr and wild.augment == voc.augment
