@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from yolocompress.compress.distill import (DEFAULT_BETAS, DistillCriterion, DistillLogHook,
-                                           at_loss, attention_map, batch_statistics, box_mask,
+from yolocompress.compress.distill import (DEFAULT_BETAS, DistillCriterion, DistillDecayHook,
+                                           DistillLogHook, at_loss, attention_map, batch_statistics, box_mask,
                                            bounded_box_kd,
                                            default_distill_layers, logit_kd, match_layers,
-                                           ref_positions, resolve_layers)
+                                           decay_factor, ref_positions, resolve_layers)
 from yolocompress.compress.layer_prune import (masked_units_state, remove_units, residual_units,
                                                source_names)
 from yolocompress.compress.prune import make_masks, prune
@@ -275,6 +275,50 @@ def test_identical_student_gives_zero_and_pruned_student_positive(pair):
         assert terms[k].item() == pytest.approx(plain[k].item(), rel=1e-5)
 
 
+def test_decay_factor_by_hand():
+    assert [decay_factor("none", t) for t in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    assert [decay_factor("linear", t) for t in (0, 0.25, 1, 1.5)] == [1.0, 0.75, 0.0, 0.0]
+    assert decay_factor("cosine", 0.0) == 1.0 and decay_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert decay_factor("cosine", 0.25) == pytest.approx((1 + math.sqrt(0.5)) / 2)
+    assert decay_factor("cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(YoloCompressError, match="decay must be one of"):
+        decay_factor("step", 0.5)
+    with pytest.raises(YoloCompressError, match="decay must be one of"):
+        DistillDecayHook("exp")
+
+
+def test_scale_weights_every_distillation_term_and_only_those(pair):
+    teacher, student = pair
+    names = _names(student)
+    batch = (_images(4), _targets(4), None)
+    student.eval()
+    crit = _criterion(teacher, names, output_kd=1.0, box_kd=1.0)
+    full = {k: v.item() for k, v in crit(student, batch).items()}
+    crit.scale = 0.25
+    part = {k: v.item() for k, v in crit(student, batch).items()}
+    for k in ("at", "kd", "box_kd"):
+        assert full[k] > 0 and part[k] == pytest.approx(0.25 * full[k], rel=1e-5)
+    for k in ("box", "obj", "cls"):
+        assert part[k] == pytest.approx(full[k], rel=1e-6)
+    crit.scale = 0.0                   # the end of a decayed recovery: plain fine-tuning
+    end = {k: v.item() for k, v in crit(student, batch).items()}
+    assert end["loss"] == pytest.approx(end["box"] + end["obj"] + end["cls"], rel=1e-6)
+
+
+def test_decay_hook_sets_the_weight_from_the_trainers_progress():
+    class Trainer:                     # what the hook reads and writes
+        criterion = type("C", (), {"scale": 1.0})()
+        progress = 0.0
+
+    hook, trainer = DistillDecayHook("linear"), Trainer()
+    hook.trainer = trainer
+    for progress, want in ((0.0, 1.0), (0.4, 0.6), (1.0, 0.0)):
+        trainer.progress = progress
+        hook.before_step()
+        assert trainer.criterion.scale == pytest.approx(want)
+    assert hook.state_dict() == {}     # a resume recomputes it from the step count
+
+
 def test_one_student_forward_frozen_eval_teacher_and_gradients(pair):
     teacher, student = pair
     teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
@@ -516,7 +560,7 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
         "train": {"epochs": 1, "batch_size": 4, "nominal_batch": 4, "burn_in": 1,
                   "eval_interval": 1, "multi_scale": False, "out_dir": str(tmp_path / "runs")},
         "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch",
-                    "box_kd": 1.0}}))
+                    "box_kd": 1.0, "decay": "cosine"}}))
     t_path, s_path = tmp_path / "sparse.pt", tmp_path / "pruned.pt"
     sha = save_artifact(artifact_from_model(teacher, "sparse", names), t_path)
     save_artifact(artifact_from_model(student, "pruned", names, parent=sha, prune={"version": 1},
@@ -527,6 +571,7 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
     assert best["prune"] == {"version": 1} and best["lineage"][-1]["stage"] == "pruned"
     record = best["distill"]
     assert record["teacher_bn"] == "batch" and record["box_kd"] == 1.0
+    assert record["decay"] == "cosine"
     assert record["teacher"]["sha256"] == sha               # the default teacher: the parent
     assert [(x["name"], x["beta"]) for x in record["layers"]] == [("conv46", 1e6),
                                                                  ("conv100", 1e4)]

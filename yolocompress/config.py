@@ -370,6 +370,10 @@ class DistillConfig(_StageBudget):
     # student's BN, so an identical student has zero loss; "eval" = its running statistics (the
     # authors' eval-mode teacher; on the demo that regime gap alone is 2/3 of the AT term)
     teacher_bn: Literal["eval", "batch"] = "batch"
+    # the distillation terms' weight over the stage's optimizer steps: "none" = constant (the
+    # method); "linear" / "cosine" = from 1 at the first step to 0 at the last, so the recovery
+    # ends as a plain fine-tune (compress/distill.py: decay_factor)
+    decay: Literal["none", "linear", "cosine"] = "none"
     # (epochs / steps / lr / optimizer, _StageBudget: also those of the plain fine-tune it is
     # compared with)
 

@@ -1,7 +1,8 @@
 """Stage 3, spatial attention distilling: attention maps of a teacher and its channel-pruned student
 at named layers, the AT loss, the method's layer choice by role, and `DistillCriterion`, which adds
 "at" = sum_l beta_l * AT_l (and optionally a logit term "kd" and a teacher-bounded box term
-"box_kd") to the student's detection loss.
+"box_kd") to the student's detection loss, all three times a weight that `DistillDecayHook` can
+lower over the recovery (`decay_factor`).
 
 Attention map (attention transfer, Zagoruyko & Komodakis): Q(F) = vec(mean_c |F_c|^p) / ||.||_2,
 one unit vector per image over the H*W positions, so channel counts may differ.
@@ -16,6 +17,7 @@ does not jump with multi-scale training).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -36,13 +38,29 @@ from ..train.loss import assign_targets, prepare_targets
 
 __all__ = ["REF_SIZE", "DEFAULT_BETAS", "TEACHER_BN", "attention_map", "at_loss", "ref_positions",
            "box_mask", "rule_beta", "default_distill_layers", "resolve_layers", "match_layers", "logit_kd",
-           "bounded_box_kd", "batch_statistics", "DistillCriterion", "DistillLogHook"]
+           "bounded_box_kd", "batch_statistics", "DistillCriterion", "DistillLogHook", "DECAYS",
+           "decay_factor", "DistillDecayHook"]
 
 REF_SIZE = 416                    # input side at which the betas apply to the per-position mean
 DEFAULT_BETAS = (1e6, 1e4, 1e3)   # backbone; neck+head at stride < 32; neck+head at stride >= 32
 # how the teacher's BatchNorm normalises: like the training student, with the batch's own
 # statistics ("batch"), or with its stored running statistics ("eval", the authors' choice)
 TEACHER_BN = ("eval", "batch")
+DECAYS = ("none", "linear", "cosine")   # DistillConfig.decay: the distillation terms' weight
+
+
+def decay_factor(kind: str, progress: float) -> float:
+    """The distillation terms' weight at `progress` (the share of the stage's optimizer steps done,
+    Trainer.progress): 1 throughout for "none"; 1 - progress ("linear") or
+    (1 + cos(pi * progress)) / 2 ("cosine"), which fall from 1 at the first step to 0 at the end."""
+    if kind not in DECAYS:
+        raise YoloCompressError(f"distill: decay must be one of {list(DECAYS)}, got {kind!r}")
+    t = min(max(float(progress), 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - t
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
 
 
 def attention_map(f: Tensor, p: float = 2.0, mask: Tensor | None = None) -> Tensor:
@@ -331,6 +349,7 @@ class DistillCriterion:
         teacher.requires_grad_(False)
         teacher.eval()
         self.last_layer_terms: dict[str, Tensor] = {}
+        self.scale = 1.0                     # on every distillation term; DistillDecayHook sets it
         self._checked: int | None = None
         self._positions: list[float] = []
 
@@ -377,17 +396,32 @@ class DistillCriterion:
             mask = box_mask(targets, fs.shape[0], fs.shape[-2:], images.shape[-2:]) \
                 if self.fg_mask else None
             per_layer[name] = beta * at_loss(fs, ft, self.p, mask, positions)
-        terms["at"] = torch.stack(list(per_layer.values())).sum()
+        terms["at"] = self.scale * torch.stack(list(per_layer.values())).sum()
         if self.output_kd:
-            terms["kd"] = self.output_kd * logit_kd(heads, t_heads, student.heads,
-                                                    self.kd_temperature)
+            terms["kd"] = self.scale * self.output_kd * logit_kd(heads, t_heads, student.heads,
+                                                                 self.kd_temperature)
         if self.box_kd:
-            terms["box_kd"] = self.box_kd * bounded_box_kd(
+            terms["box_kd"] = self.scale * self.box_kd * bounded_box_kd(
                 heads, t_heads, student.heads, targets, tuple(images.shape[-2:]),
                 self.box_kd_margin)
         terms["loss"] = torch.stack([v.reshape(()).float() for v in terms.values()]).sum()
         self.last_layer_terms = {k: v.detach() for k, v in per_layer.items()}
         return terms
+
+
+class DistillDecayHook(HookBase):
+    """Sets `trainer.criterion.scale` (a DistillCriterion's weight on its distillation terms) to
+    decay_factor(kind, trainer.progress) before every micro-batch. Stateless: a resumed run gets
+    the same weights from its step count."""
+
+    priority = 10                          # a schedule
+
+    def __init__(self, kind: str) -> None:
+        decay_factor(kind, 0.0)            # an unknown kind fails here, not at the first step
+        self.kind = kind
+
+    def before_step(self) -> None:
+        self.trainer.criterion.scale = decay_factor(self.kind, self.trainer.progress)
 
 
 class DistillLogHook(HookBase):

@@ -6,7 +6,7 @@ The artifact gets stage `distilled`, the student artifact as parent (lineage), t
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
 sha256), layers [{name, teacher (the layer's name in the teacher: after layer pruning, the
 source cfg's name), beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
-box_kd_margin, teacher_bn, ref_size}.
+box_kd_margin, teacher_bn, decay, ref_size}.
 
 `run_finetune` (`build_finetune`) is the control it is measured against: the same student,
 budget and lr (`distill.epochs` or `.steps`, `distill.lr`), detection loss only, stage `finetuned`.
@@ -21,7 +21,8 @@ from ..artifacts import build_model, file_sha256, load_parent
 from ..config import Config
 from ..errors import YoloCompressError
 from ..train.run import DataSplits, StageParts, train_built, with_stage_budget
-from .distill import REF_SIZE, DistillCriterion, DistillLogHook, match_layers, resolve_layers
+from .distill import (REF_SIZE, DistillCriterion, DistillDecayHook, DistillLogHook, match_layers,
+                      resolve_layers)
 from .layer_prune import source_names, units_from_record
 
 __all__ = ["run_distill", "run_finetune", "build_distill", "build_finetune", "default_teacher",
@@ -99,7 +100,8 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
                    for (n, b), tn, i in zip(layers, t_names, infos)],
         "p": dc.p, "fg_mask": dc.fg_mask, "output_kd": dc.output_kd,
         "kd_temperature": dc.kd_temperature, "box_kd": dc.box_kd,
-        "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "ref_size": REF_SIZE,
+        "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "decay": dc.decay,
+        "ref_size": REF_SIZE,
     }
 
     def wrap(criterion):
@@ -110,7 +112,9 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
                                 teacher_layers=t_names)
 
     return config, StageParts(model=student_model, parent=student_art, teacher=teacher_art,
-                              hooks=[DistillLogHook()], criterion_wrapper=wrap, extra=extra)
+                              hooks=[DistillLogHook()] + ([DistillDecayHook(dc.decay)]
+                                                       if dc.decay != "none" else []),
+                              criterion_wrapper=wrap, extra=extra)
 
 
 def distill_command(config: Config, args: Any) -> Path:
