@@ -132,6 +132,12 @@ def test_describe_changes_by_hand():
     assert describe_changes(old, new, known=False) == describe_changes(old, new)[:2]
     assert describe_changes({"source": "s"}, old) == [
         "it was adopted from a file, now it would be trained"]
+    # a setting added after the stage ran is unchanged at its default, a change off it
+    later = {"parent": "a" * 64, "config": {"train": {"lr": 0.001, "epochs": 1},
+                                            "distill": {"decay": "none"}}}
+    assert describe_changes(old, later) == []
+    later["config"]["distill"]["decay"] = "linear"
+    assert describe_changes(old, later) == ["distill.decay '<unset>' -> 'linear'"]
 
 
 def test_stage_inputs_ignore_where_not_what(mini):

@@ -13,7 +13,9 @@ what changed, and `--force` (redo it, replacing the result) or another experimen
 user's choice -- a finished long stage is never silently discarded, a stale one never reused.
 An incomplete stage runs; it resumes from last.pt only if last.pt has the same inputs
 (`check_resume`). Artifacts of older versions record no inputs: their `parent`, distill teacher
-and `config` are compared instead (what they do record), and a notice says so.
+and `config` are compared instead (what they do record), and a notice says so. A setting the
+recorded config lacks (added to the package after the stage ran) counts as unchanged while it is
+at its default: the rule for adding a setting is that its default keeps the old behaviour.
 """
 from __future__ import annotations
 
@@ -94,6 +96,12 @@ def _flat(d: Any, prefix: str = "") -> dict:
     return out
 
 
+def _defaults() -> dict:
+    """{"section.key": default} of every setting (the config dataclasses' defaults)."""
+    from .config import Config
+    return _flat(Config().to_dict())
+
+
 def _short(sha: Any) -> str:
     return sha[:12] if isinstance(sha, str) else str(sha)
 
@@ -108,7 +116,9 @@ def describe_changes(recorded: dict, current: dict, known: bool = True) -> list[
     out = [f"{k} sha256 {_short(recorded.get(k))} -> {_short(current.get(k))}"
            for k in keys if recorded.get(k) != current.get(k)]
     old, new = _flat(recorded.get("config", {})), _flat(current.get("config", {}))
-    for key in (list(old) + [k for k in new if k not in old] if known else list(old)):
+    defaults = _defaults()
+    added = [k for k in new if k not in old and (k not in defaults or new[k] != defaults[k])]
+    for key in (list(old) + added if known else list(old)):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             out.append(f"{key} {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return out
