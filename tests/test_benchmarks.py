@@ -45,3 +45,18 @@ def test_bench_prune_rejects_bad_input_before_timing(tmp_path, args):
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: missing.")
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--sparse", "missing.pt", "--config", "missing.yaml"], "error: missing.yaml"),
+    (["--sparse", "missing.pt", "--config", str(ROOT / "cfg/experiments/demo.yaml")],
+     "error: missing.pt"),
+    (["--sparse", "missing.pt", "--config", str(ROOT / "cfg/experiments/demo.yaml"),
+      "--layers", "0"], "error: --layers must be >= 1")])
+def test_bench_layer_latency_rejects_bad_input_in_one_line(tmp_path, args, problem):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_layer_latency.py"), *args,
+                        "--out", "runs", "--json", "out.json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(problem)
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "runs").exists()
