@@ -25,19 +25,16 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from yolocompress.artifacts import file_sha256, load_artifact
-from yolocompress.benchmarks import machine, run_script, write_result
+from yolocompress.bench.arms import arm_config
+from yolocompress.benchmarks import machine, run_script, time_side_by_side, uptime, write_result
 from yolocompress.compress.distill_stage import run_distill, run_finetune
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
-from yolocompress.eval.speed import measure_latency_onnx
-from yolocompress.export import export_onnx
 from yolocompress.fileio import atomic_open
 from yolocompress.pipeline import score_artifact
 
@@ -45,31 +42,10 @@ HEADING = "## Channel + layer pruning vs channel pruning at equal latency"
 ARMS = ("channel + layer", "channel")
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def _at(config, out: Path, folder: str, seed: int | None = None, **prune):
     """`config` writing under out/<folder>/ (train.seed `seed`), its prune section updated."""
-    train = dataclasses.replace(config.train, out_dir=str(out),
-                                seed=config.train.seed if seed is None else seed)
-    return dataclasses.replace(config, name=folder, train=train,
+    return dataclasses.replace(arm_config(config, out, folder, seed),
                                prune=dataclasses.replace(config.prune, **prune))
-
-
-def time_side_by_side(paths: dict[str, Path], size: int, threads: int, rounds: int,
-                      iters: int) -> dict[str, list[float]]:
-    """{name: batch-1 ONNX Runtime medians, one per round} of each artifact exported to ONNX,
-    the models timed in interleaved rounds."""
-    with tempfile.TemporaryDirectory(prefix="layer_latency_") as tmp:
-        onnx = {k: export_onnx(load_artifact(p), Path(tmp) / f"{i}.onnx")
-                for i, (k, p) in enumerate(paths.items())}
-        ms: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(rounds):
-            for k, p in onnx.items():
-                ms[k].append(measure_latency_onnx(p, size, 1, warmup=3, iters=iters,
-                                                  threads=threads)["ms_median"])
-    return ms
 
 
 def _target(path: Path, sparse: Path, pruned: Path, size: int, args) -> float:
@@ -85,7 +61,7 @@ def _target(path: Path, sparse: Path, pruned: Path, size: int, args) -> float:
                            args.rounds, args.iters)
     target = 1 - statistics.median(ms["channel + layer"]) / statistics.median(ms["sparse"])
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump({"sha256": shas, "target": target, "ms": ms, "uptime": _uptime()}, f, indent=1)
+        json.dump({"sha256": shas, "target": target, "ms": ms, "uptime": uptime()}, f, indent=1)
     return target
 
 
@@ -127,10 +103,10 @@ def main(argv=None) -> int:
             **backend),
         from_artifact=args.sparse, out=out / "channel" / "pruned" / "best.pt", latency_iters=0)
     timing = {"backend": "onnxruntime", "batch": 1, "threads": args.threads,
-              "rounds": args.rounds, "iters": args.iters, "uptime_before": _uptime()}
+              "rounds": args.rounds, "iters": args.iters, "uptime_before": uptime()}
     ms = time_side_by_side({"sparse": args.sparse, **pruned}, size, args.threads, args.rounds,
                            args.iters)
-    timing["uptime_after"] = _uptime()
+    timing["uptime_after"] = uptime()
     ref = statistics.median(ms["sparse"])
     rows = []
     for arm in ARMS:

@@ -60,3 +60,39 @@ def test_bench_layer_latency_rejects_bad_input_in_one_line(tmp_path, args, probl
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(problem)
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_time_side_by_side_interleaves_the_models_round_by_round(monkeypatch):
+    import yolocompress.artifacts as artifacts
+    import yolocompress.eval.speed as speed
+    import yolocompress.export as export
+    from yolocompress.benchmarks import time_side_by_side
+
+    calls = []
+    monkeypatch.setattr(artifacts, "load_artifact", lambda p: {"path": p})
+    monkeypatch.setattr(export, "export_onnx", lambda art, out: (art["path"], out))
+
+    def fake(onnx, size, batch, warmup, iters, threads):
+        calls.append((onnx[0], size, batch, iters, threads))
+        return {"ms_median": float(len(calls))}
+
+    monkeypatch.setattr(speed, "measure_latency_onnx", fake)
+    ms = time_side_by_side({"a": "a.pt", "b": "b.pt"}, 64, threads=2, rounds=3, iters=7, batch=8)
+    assert [c[0] for c in calls] == ["a.pt", "b.pt"] * 3
+    assert {c[1:] for c in calls} == {(64, 8, 7, 2)}
+    assert ms == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ([], "error: missing.pt"),
+    (["--round-to", "8", "8"], "error: --round-to must be distinct ints >= 1"),
+    (["--round-to", "0", "8"], "error: --round-to must be distinct ints >= 1"),
+    (["--budget", "1.2"], "error: --budget must be in (0, 1)")])
+def test_bench_round_to_rejects_bad_input_in_one_line(tmp_path, extra, problem):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_round_to.py"), "--sparse",
+                        "missing.pt", "--config", str(ROOT / "cfg/experiments/demo.yaml"), *extra,
+                        "--out", "runs", "--json", "out.json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(problem)
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "runs").exists()

@@ -5,14 +5,17 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import YoloCompressError
 from .fileio import atomic_open
 
-__all__ = ["machine", "write_section", "write_result", "run_script", "BENCHMARKS_MD"]
+__all__ = ["machine", "write_section", "write_result", "run_script", "time_side_by_side",
+           "uptime", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -34,6 +37,31 @@ def machine(*packages: str) -> str:
         except PackageNotFoundError:
             pass
     return f"nproc {nproc}, {model}; " + ", ".join(parts)
+
+
+def uptime() -> str:
+    """`uptime`'s line: the load a latency was measured under."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def time_side_by_side(paths: dict, size: int, threads: int, rounds: int,
+                      iters: int, batch: int = 1) -> dict[str, list[float]]:
+    """{name: ONNX Runtime medians in ms, one per round} of each artifact in `paths` ({name: .pt})
+    exported to ONNX, the models timed in `rounds` interleaved rounds (so that a change in the
+    machine's load hits every model alike)."""
+    from .artifacts import load_artifact
+    from .eval.speed import measure_latency_onnx
+    from .export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
+        onnx = {k: export_onnx(load_artifact(p), Path(tmp) / f"{i}.onnx")
+                for i, (k, p) in enumerate(paths.items())}
+        ms: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for k, p in onnx.items():
+                ms[k].append(measure_latency_onnx(p, size, batch, warmup=3, iters=iters,
+                                                  threads=threads)["ms_median"])
+    return ms
 
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
