@@ -30,7 +30,8 @@ from pathlib import Path
 
 from yolocompress.artifacts import file_sha256, load_artifact
 from yolocompress.bench.arms import arm_config
-from yolocompress.benchmarks import machine, run_script, time_side_by_side, uptime, write_result
+from yolocompress.benchmarks import (machine, run_script, side_by_side_notes,
+                                    time_side_by_side, uptime, write_result)
 from yolocompress.compress.distill_stage import run_distill, run_finetune
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
@@ -145,10 +146,8 @@ def main(argv=None) -> int:
                      f"{sd:.4f} |")
     print("\n".join(table))
     if args.write:
-        write_result(HEADING, f"sparse model {args.sparse}, recovery {args.recovery}, "
-                     f"ONNX Runtime batch 1, {args.threads} threads, {args.rounds} interleaved "
-                     f"rounds of {args.iters}; `uptime` {timing['uptime_before']} before, "
-                     f"{timing['uptime_after']} after; rows in {args.json}",
+        write_result(HEADING, f"sparse model {args.sparse}, recovery {args.recovery}, batch 1, "
+                     + side_by_side_notes(timing, args.json),
                      machine("torch", "onnxruntime"), "\n".join(table), args.markdown)
     return 0
 

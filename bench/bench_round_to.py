@@ -23,7 +23,8 @@ from pathlib import Path
 
 from yolocompress.artifacts import load_artifact
 from yolocompress.bench.arms import arm_config
-from yolocompress.benchmarks import machine, run_script, time_side_by_side, uptime, write_result
+from yolocompress.benchmarks import (machine, run_script, side_by_side_notes,
+                                    time_side_by_side, uptime, write_result)
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
@@ -116,10 +117,8 @@ def main(argv=None) -> int:
                      f"{row['map50_pruned']:.4f} |")
     print("\n".join(table))
     if args.write:
-        write_result(HEADING, f"sparse model {args.sparse}, {size} px, ONNX Runtime, "
-                     f"{args.threads} threads, {args.rounds} interleaved rounds of {args.iters} "
-                     f"per batch size; `uptime` {timing['uptime_before']} before, "
-                     f"{timing['uptime_after']} after; rows in {args.json}",
+        write_result(HEADING, f"sparse model {args.sparse}, {size} px, batches {args.batches}, "
+                     + side_by_side_notes(timing, args.json),
                      machine("torch", "onnxruntime"), "\n".join(table), args.markdown)
     return 0
 

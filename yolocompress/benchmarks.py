@@ -15,7 +15,7 @@ from .errors import YoloCompressError
 from .fileio import atomic_open
 
 __all__ = ["machine", "write_section", "write_result", "run_script", "time_side_by_side",
-           "uptime", "BENCHMARKS_MD"]
+           "side_by_side_notes", "uptime", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -62,6 +62,15 @@ def time_side_by_side(paths: dict, size: int, threads: int, rounds: int,
                 ms[k].append(measure_latency_onnx(p, size, batch, warmup=3, iters=iters,
                                                   threads=threads)["ms_median"])
     return ms
+
+
+def side_by_side_notes(timing: dict, json_path) -> str:
+    """The part of a section's notes that says how `time_side_by_side` ran: threads, rounds,
+    iterations, the load before and after (`timing`: threads, rounds, iters, uptime_before,
+    uptime_after), and where the rows are."""
+    return (f"ONNX Runtime, {timing['threads']} threads, {timing['rounds']} interleaved rounds of "
+            f"{timing['iters']}; `uptime` {timing['uptime_before']} before, "
+            f"{timing['uptime_after']} after; rows in {json_path}")
 
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
