@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from yolocompress.artifacts import build_model, load_artifact
+from yolocompress.benchmarks import command_line
 from yolocompress.bench.arms import arm_config
 from yolocompress.compress.distill_stage import run_finetune
 from yolocompress.compress.gate_stage import measure_artifact, run_gate
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     data = load_data(config)
     out = Path(args.json)
     doc = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    doc["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    doc["command"] = command_line()
     doc["baseline"] = {
         "artifact": str(args.baseline),
         "map50_voc07": config_evaluator(config, data.val, data.names, uses_letterbox(

@@ -25,13 +25,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from yolocompress.artifacts import file_sha256, load_artifact
 from yolocompress.bench.arms import arm_config
-from yolocompress.benchmarks import (machine, run_script, side_by_side_notes,
-                                    time_side_by_side, uptime, write_result)
+from yolocompress.benchmarks import (command_line, machine, run_script, side_by_side_notes,
+                                     time_side_by_side, uptime, write_result)
 from yolocompress.compress.distill_stage import run_distill, run_finetune
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
                          "latency_reduction": 1 - statistics.median(ms[arm]) / ref,
                          "epochs": load_artifact(best)["config"]["train"]["epochs"]})
             print(json.dumps(rows[-1]), flush=True)
-    doc = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    doc = {"command": command_line(),
            "sparse": str(args.sparse), "img_size": size, "recovery": args.recovery,
            "target_latency_reduction": target, "sparse_ms": ms["sparse"], "latency": timing,
            "rows": rows}

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from yolocompress.artifacts import artifact_from_model, build_model, load_artifact
+from yolocompress.benchmarks import command_line
 from yolocompress.compress.prune import keep_from_record
 from yolocompress.compress.prune_search import build_pruned
 from yolocompress.compress.prune_stage import plan_from_config, remove_units_from_config
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                    "ms": []}
             print(json.dumps({k: v for k, v in row.items() if k != "ms"}), flush=True)
             rows.append(row)
-    doc = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    doc = {"command": command_line(),
            "sparse": args.sparse, "img_size": size, "base": base,
            "latency": {"backend": "onnxruntime", "batch": 1, "threads": args.threads,
                        "iters": args.iters, "rounds": args.rounds, "uptime_before": _uptime()}}

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import torch
 
 from yolocompress.artifacts import load_artifact
-from yolocompress.benchmarks import machine, run_script, write_section
+from yolocompress.benchmarks import command_line, machine, run_script, write_section
 from yolocompress.compress.groups import group_layers
 from yolocompress.compress.prune import make_masks, prune
 from yolocompress.config import PruneConfig, load_config
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "`yolocompress sparse` with cfg/experiments/demo.yaml, then `python bench/bench_prune.py "
         "--sparse runs/demo/sparse/best.pt --write`."]
     text = "\n".join([
-        SECTION, "", f"Command: `{shlex.join(['python', *sys.argv])}`.", "",
+        SECTION, "", f"Command: `{command_line()}`.", "",
         f"Machine: {machine('torch')}. Shared with other jobs: treat times as indicative.", "",
         f"Pruning time: `make_masks` (group_layers + per-group thresholds) and `prune` (slicing + "
         f"compensation) on random BN gammas (U(0, 1), seed 0) with the method's hand-set percents "

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from yolocompress.artifacts import build_model, load_artifact
+from yolocompress.benchmarks import command_line
 from yolocompress.compress.prune_search import Calibrated
 from yolocompress.compress.recalibrate import recalibrate_bn
 from yolocompress.compress.tp_baseline import tp_prune
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     data, model, size, score, cal, base = setup(config, args.sparse)
     out = Path(args.json)
     doc = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    doc["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    doc["command"] = command_line()
     doc["sparse"] = {"map50_voc07": score(model)["map50_voc07"],
                      "recalibrated": score(recalibrate_bn(build_model(load_artifact(args.sparse)),
                                                           cal.full))["map50_voc07"]}

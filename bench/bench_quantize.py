@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from yolocompress.artifacts import build_model, load_artifact
-from yolocompress.benchmarks import BENCHMARKS_MD, machine, run_script, write_result
+from yolocompress.benchmarks import BENCHMARKS_MD, command_line, machine, run_script, write_result
 from yolocompress.cli import main as cli
 from yolocompress.compress.compact import save_compact
 from yolocompress.compress.quantize_stage import quantize_model
@@ -278,7 +276,7 @@ def _write(args, data: Path, res: dict) -> None:
     old = json.loads(args.json.read_text()) if args.json.is_file() else {}
     old.update({"artifact": str(args.artifact), "machine": machine("onnxruntime", "torch"), **res})
     commands = old.setdefault("commands", {})       # part -> the command that measured it
-    commands.update({part: shlex.join(["python", *sys.argv]) for part in res})
+    commands.update({part: command_line() for part in res})
     with atomic_open(args.json, "w", encoding="utf-8") as f:
         json.dump(old, f, indent=1)
     write_result(SECTION, f"{args.artifact}, val split of {data.name} (200 images); rows in "

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from yolocompress.benchmarks import BENCHMARKS_MD, machine, run_script, write_result
+from yolocompress.benchmarks import BENCHMARKS_MD, command_line, machine, run_script, write_result
 from yolocompress.compress.quantize_stage import pipeline_step
 from yolocompress.config import load_config
 from yolocompress.fileio import atomic_open
@@ -68,7 +66,7 @@ def main() -> None:
             rows.append(row)
             score_s.append(s)
     res = {"artifact": str(args.artifact), "machine": machine("onnxruntime", "torch"),
-           "command": shlex.join(["python", *sys.argv]), "nice": os.nice(0),
+           "command": command_line(), "nice": os.nice(0),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "load_before": load_before, "load_after": os.getloadavg(),
            "step_s": step_s, "score_s": score_s, "stage_s": step_s + sum(score_s),

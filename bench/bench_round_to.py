@@ -18,13 +18,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from yolocompress.artifacts import load_artifact
 from yolocompress.bench.arms import arm_config
-from yolocompress.benchmarks import (machine, run_script, side_by_side_notes,
-                                    time_side_by_side, uptime, write_result)
+from yolocompress.benchmarks import (command_line, machine, run_script, side_by_side_notes,
+                                     time_side_by_side, uptime, write_result)
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
@@ -37,7 +36,7 @@ HEADING = "## What prune.round_to buys"
 
 def _channels(art: dict) -> list[int]:
     """Filters of every conv of an artifact's cfg, in order."""
-    return [int(b.options["filters"]) for b in parse_cfg(art["cfg"]) if b.type == "convolutional"]
+    return [b.get_int("filters") for b in parse_cfg(art["cfg"]) if b.type == "convolutional"]
 
 
 def main(argv=None) -> int:
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
             row[f"latency_over_flops_b{b}"] = (1 - med / ref) / row["flops_reduction"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    doc = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    doc = {"command": command_line(),
            "sparse": str(args.sparse), "img_size": size, "budget": args.budget,
            "sparse_ms": {f"b{b}": ms[b]["sparse"] for b in args.batches}, "latency": timing,
            "rows": rows}

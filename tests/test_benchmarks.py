@@ -96,3 +96,15 @@ def test_bench_round_to_rejects_bad_input_in_one_line(tmp_path, extra, problem):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(problem)
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_command_line_is_a_shell_line_that_gives_back_the_arguments(monkeypatch):
+    import shlex
+
+    from yolocompress.benchmarks import command_line
+
+    argv = ["bench/x.py", "--json", "a b.json", "bench.budgets=[0.65]", "it's"]
+    monkeypatch.setattr(sys, "argv", argv)
+    line = command_line()
+    assert line.startswith("python bench/x.py ")
+    assert shlex.split(line) == ["python", *argv]

@@ -15,7 +15,7 @@ from .errors import YoloCompressError
 from .fileio import atomic_open
 
 __all__ = ["machine", "write_section", "write_result", "run_script", "time_side_by_side",
-           "side_by_side_notes", "uptime", "BENCHMARKS_MD"]
+           "side_by_side_notes", "uptime", "command_line", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -37,6 +37,11 @@ def machine(*packages: str) -> str:
         except PackageNotFoundError:
             pass
     return f"nproc {nproc}, {model}; " + ", ".join(parts)
+
+
+def command_line() -> str:
+    """The command that is running, as a shell line to copy: `python <script> <args>`."""
+    return shlex.join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
 
 def uptime() -> str:
@@ -78,9 +83,9 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 
 def write_result(heading: str, notes: str, machine_line: str, body: str,
                  path: str | os.PathLike = BENCHMARKS_MD, command: str | None = None) -> None:
-    """Write a benchmark section: heading, the command that ran (default: `python` + sys.argv)
+    """Write a benchmark section: heading, the command that ran (default: command_line())
     with `notes`, the machine, then `body` (usually a markdown table)."""
-    command = command or shlex.join(["python", *sys.argv])
+    command = command or command_line()
     write_section(path, heading, f"{heading}\n\nCommand: `{command}` ({notes}).\n\n"
                                  f"Machine: {machine_line}.\n\n{body}\n")
     print(f"wrote {path}")
