@@ -113,8 +113,10 @@ class EMAHook(HookBase):
 
 class EvalHook(HookBase):
     """`fn(model) -> {metric: value}` on `trainer.model_for_eval` (eval mode, no grad) after every
-    `every`-th epoch and the last (every=0: last only); results go into `trainer.storage`.
-    With `main_only` (default) rank 0 evaluates and the other ranks wait."""
+    `every`-th epoch and the last (every=0: last only); results go into `trainer.storage`, and
+    leave it after an epoch that is not evaluated (the log, the checkpoints and the best.pt
+    choice never see a score of other weights). With `main_only` (default) rank 0 evaluates and
+    the other ranks wait."""
 
     priority = 60
 
@@ -123,11 +125,14 @@ class EvalHook(HookBase):
         if every < 0:
             raise YoloCompressError(f"EvalHook every must be >= 0, got {every}")
         self.fn, self.every, self.main_only = fn, every, main_only
+        self.keys: set[str] = set()
 
     def after_epoch(self) -> None:
         t = self.trainer
         done = t.epoch + 1
         if not (done == t.epochs or (self.every and done % self.every == 0)):
+            for k in self.keys:
+                t.storage.pop(k, None)
             return
         if is_main() or not self.main_only:
             model = t.model_for_eval
@@ -141,9 +146,16 @@ class EvalHook(HookBase):
             if not isinstance(metrics, dict):
                 raise YoloCompressError(f"the evaluation function must return a dict of metrics, "
                                         f"got {type(metrics).__name__}")
+            self.keys = set(metrics)
             t.storage.update(metrics)
         if self.main_only:
             barrier()
+
+    def state_dict(self) -> dict:
+        return {"keys": sorted(self.keys)} if self.keys else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys = set(state["keys"])
 
 
 def _finite(model: nn.Module) -> bool:
