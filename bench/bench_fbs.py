@@ -29,8 +29,8 @@ from pathlib import Path
 
 from yolocompress.artifacts import build_model, file_sha256, load_artifact
 from yolocompress.bench.arms import ARMS, arm_config, recovery_epochs, run_arm
-from yolocompress.benchmarks import (command_line, machine, run_script, time_side_by_side,
-                                     uptime, write_result)
+from yolocompress.benchmarks import (add_result_args, command_line, machine, run_script,
+                                     time_side_by_side, uptime, write_result)
 from yolocompress.compress.gate_stage import measure_artifact, run_gate
 from yolocompress.compress.gating import gathered_model
 from yolocompress.config import load_config
@@ -188,11 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-iters", type=int, default=30, help="0: no latency")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime's intra-op threads")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--write", action="store_true", help="also write the BENCHMARKS.md section")
-    ap.add_argument("--markdown", type=Path,
-                    default=Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
-    ap.add_argument("overrides", nargs="*")
+    add_result_args(ap)
     args = ap.parse_args(argv)
     _check(args)
     config = load_config(args.config, args.overrides)

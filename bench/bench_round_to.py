@@ -22,8 +22,8 @@ from pathlib import Path
 
 from yolocompress.artifacts import load_artifact
 from yolocompress.bench.arms import arm_config
-from yolocompress.benchmarks import (command_line, machine, run_script, side_by_side_notes,
-                                     time_side_by_side, uptime, write_result)
+from yolocompress.benchmarks import (add_result_args, command_line, machine, run_script,
+                                     side_by_side_notes, time_side_by_side, uptime, write_result)
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
@@ -50,11 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--write", action="store_true", help="also write the BENCHMARKS.md section")
-    ap.add_argument("--markdown", type=Path,
-                    default=Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
-    ap.add_argument("overrides", nargs="*")
+    add_result_args(ap)
     args = ap.parse_args(argv)
     if not args.round_to or min(args.round_to) < 1 or len(set(args.round_to)) != len(args.round_to):
         raise YoloCompressError(f"--round-to must be distinct ints >= 1, got {args.round_to}")

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks in bench/: the machine description and docs/BENCHMARKS.md sections."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -14,8 +15,8 @@ from typing import Callable
 from .errors import YoloCompressError
 from .fileio import atomic_open
 
-__all__ = ["machine", "write_section", "write_result", "run_script", "time_side_by_side",
-           "side_by_side_notes", "uptime", "command_line", "BENCHMARKS_MD"]
+__all__ = ["add_result_args", "machine", "write_section", "write_result", "run_script",
+           "time_side_by_side", "side_by_side_notes", "uptime", "command_line", "BENCHMARKS_MD"]
 
 
 def machine(*packages: str) -> str:
@@ -79,6 +80,15 @@ def side_by_side_notes(timing: dict, json_path) -> str:
 
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+
+
+def add_result_args(ap: argparse.ArgumentParser) -> None:
+    """The options every experiment bench script ends with: --json (required), --write (also
+    the BENCHMARKS.md section), --markdown (which file) and the config overrides."""
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--write", action="store_true", help="also write the BENCHMARKS.md section")
+    ap.add_argument("--markdown", type=Path, default=BENCHMARKS_MD)
+    ap.add_argument("overrides", nargs="*")
 
 
 def write_result(heading: str, notes: str, machine_line: str, body: str,
