@@ -29,6 +29,7 @@ from pathlib import Path
 
 from yolocompress.artifacts import build_model, file_sha256, load_artifact
 from yolocompress.bench.arms import ARMS, arm_config, recovery_epochs, run_arm
+from yolocompress.bench.suites import mean_sd
 from yolocompress.benchmarks import (add_result_args, command_line, machine, run_script,
                                      time_side_by_side, uptime, write_result)
 from yolocompress.compress.gate_stage import measure_artifact, run_gate
@@ -37,6 +38,7 @@ from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
 from yolocompress.eval.speed import measure_latency
 from yolocompress.fileio import atomic_open
+from yolocompress.models.cfg import parse_cfg
 from yolocompress.models.profile import profile_summary
 from yolocompress.train.run import config_evaluator, load_data, uses_letterbox
 
@@ -51,7 +53,7 @@ def _torch_ms(path: Path, size: int, iters: int, gather: bool = False) -> float:
 
 
 def _conv_macs(path: Path, size: int) -> int:
-    return profile_summary(build_model(load_artifact(path), source=str(path)).blocks,
+    return profile_summary(parse_cfg(load_artifact(path)["cfg"], source=f"{path}[cfg]"),
                            size, size)["flops_conv"] // 2
 
 
@@ -74,9 +76,8 @@ def _check(args) -> None:
         raise YoloCompressError("--latency-iters must be >= 0, --rounds and --threads >= 1")
 
 
-def _train(config, args, root: Path, sparse: Path, doc: dict) -> None:
+def _train(config, args, root: Path, sparse: Path, data, doc: dict) -> None:
     size = config.model.img_size
-    data = load_data(config)
     epochs = recovery_epochs(config, len(data.train))
     # FBS trains exactly as long, and at the lr, as every arm's recovery
     gate = dataclasses.replace(config.gate, steps=None, epochs=epochs, lr=config.distill.lr,
@@ -138,9 +139,8 @@ def _time(args, size: int, sparse: Path, doc: dict) -> None:
 
 
 def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    mean, sd = mean_sd(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ± {sd:.4f}"
 
 
 def table(doc: dict) -> str:
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         "map50_voc07": config_evaluator(config, data.val, data.names, uses_letterbox(
             config, model))(model)["map50_voc07"],
         "macs": profile_summary(model.blocks, size, size)["flops_conv"] // 2}
-    _train(config, args, root, sparse, doc)
+    _train(config, args, root, sparse, data, doc)
     if args.latency_iters:
         _time(args, size, sparse, doc)
     text = table(doc)

@@ -19,13 +19,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from yolocompress.artifacts import artifact_from_model, build_model, load_artifact
-from yolocompress.benchmarks import command_line
+from yolocompress.benchmarks import command_line, uptime
 from yolocompress.compress.prune import keep_from_record
 from yolocompress.compress.prune_search import build_pruned
 from yolocompress.compress.prune_stage import plan_from_config, remove_units_from_config
@@ -37,10 +36,6 @@ from yolocompress.models.profile import profile_summary
 from bench_prune_right_after import setup
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def _pruned(config, model, cal):
@@ -96,12 +91,12 @@ def main(argv=None) -> int:
     doc = {"command": command_line(),
            "sparse": args.sparse, "img_size": size, "base": base,
            "latency": {"backend": "onnxruntime", "batch": 1, "threads": args.threads,
-                       "iters": args.iters, "rounds": args.rounds, "uptime_before": _uptime()}}
+                       "iters": args.iters, "rounds": args.rounds, "uptime_before": uptime()}}
     for _ in range(args.rounds):
         for row in rows:
             row["ms"].append(measure_latency_onnx(row["onnx"], size, 1, warmup=3, iters=args.iters,
                                                   threads=args.threads)["ms_median"])
-    doc["latency"]["uptime_after"] = _uptime()
+    doc["latency"]["uptime_after"] = uptime()
     ref = next(r for r in rows if r["layers"] == 0 and r["arm"] == "layers")
     ref_ms = statistics.median(ref["ms"])
     for row in rows:

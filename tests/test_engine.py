@@ -415,16 +415,18 @@ def test_best_is_written_before_last_so_a_kill_between_them_resumes(tmp_path, mo
 def test_a_score_is_never_carried_into_an_epoch_that_was_not_evaluated(tmp_path):
     # eval after epochs 2 and 4; only epochs from 0.7 * 4 compete for best.pt: epoch 3 must not
     # win with epoch 2's score (it was the weights of epoch 2 that scored 0.9)
-    values = iter([0.9, 0.1])
+    values = iter([{"map50_voc07": 0.9, "coco_map": 0.5}, {"map50_voc07": 0.1}])
     model = tiny_model()
     loader = DataLoader(TinySet(8), batch_size=2, collate_fn=collate)
-    ev = EvalHook(lambda m: {"map50_voc07": next(values)}, every=2)
+    ev = EvalHook(lambda m: next(values), every=2)
     t = Trainer(model, criterion, build_optimizer(model, lr=0.02), loader, epochs=4,
                 hooks=[CheckpointHook(tmp_path, make_artifact, best_from=0.7),
                        LoggerHook(tmp_path), ev], progress=False)
     t.train()
     rows = next(h for h in t.hooks if isinstance(h, LoggerHook)).rows
     assert [r.get("map50_voc07") for r in rows] == [None, 0.9, None, 0.1]
+    # a score the last evaluation did not return is gone too
+    assert [r.get("coco_map") for r in rows] == [None, 0.5, None, None]
     assert load_artifact(tmp_path / "best.pt")["metrics"]["map50_voc07"] == 0.1
     assert ev.state_dict() == {"keys": ["map50_voc07"]}     # a resumed run still drops them
     fresh = EvalHook(lambda m: {}, every=2)

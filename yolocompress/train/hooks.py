@@ -130,9 +130,10 @@ class EvalHook(HookBase):
     def after_epoch(self) -> None:
         t = self.trainer
         done = t.epoch + 1
+        for k in self.keys:             # the last evaluation's scores belong to other weights
+            t.storage.pop(k, None)
+        self.keys = set()
         if not (done == t.epochs or (self.every and done % self.every == 0)):
-            for k in self.keys:
-                t.storage.pop(k, None)
             return
         if is_main() or not self.main_only:
             model = t.model_for_eval
