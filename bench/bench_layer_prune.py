@@ -19,12 +19,11 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from yolocompress.artifacts import artifact_from_model, build_model, load_artifact
-from yolocompress.benchmarks import command_line, uptime
+from yolocompress.benchmarks import command_line, run_script, uptime
 from yolocompress.compress.prune import keep_from_record
 from yolocompress.compress.prune_search import build_pruned
 from yolocompress.compress.prune_stage import plan_from_config, remove_units_from_config
@@ -123,4 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -108,3 +108,12 @@ def test_command_line_is_a_shell_line_that_gives_back_the_arguments(monkeypatch)
     line = command_line()
     assert line.startswith("python bench/x.py ")
     assert shlex.split(line) == ["python", *argv]
+
+
+def test_bench_layer_prune_rejects_a_missing_model_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/bench_layer_prune.py"), "--sparse",
+                        "missing.pt", "--json", "out.json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: missing.pt: no such artifact file\n"
+    assert not (tmp_path / "out.json").exists()
