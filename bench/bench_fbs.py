@@ -32,7 +32,7 @@ from yolocompress.bench.arms import ARMS, arm_config, recovery_epochs, run_arm
 from yolocompress.bench.suites import mean_sd
 from yolocompress.benchmarks import (add_result_args, command_line, machine, run_script,
                                      time_side_by_side, uptime, write_result)
-from yolocompress.compress.gate_stage import measure_artifact, run_gate
+from yolocompress.compress.gate_stage import measure_artifact, run_gate, switching
 from yolocompress.compress.gating import gathered_model
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
@@ -93,7 +93,7 @@ def _train(config, args, root: Path, sparse: Path, data, doc: dict) -> None:
                 "method": "fbs", "density": d, "seed": seed, "macs": res["macs_mean"],
                 "macs_sd": res["macs_sd"], "macs_dense": res["macs_dense"], "epochs": epochs,
                 "map50_voc07": load_artifact(best)["metrics"]["map50_voc07"],
-                "artifact": str(best)})
+                **switching(res["usage"]), "artifact": str(best)})
             first = next((r for r in doc["rows"] if r["method"] == "fbs" and r["density"] == d
                           and r["seed"] == args.seeds[0]), doc["rows"][-1])
             budget = round(1 - first["macs"] / first["macs_dense"], 4)
@@ -167,6 +167,10 @@ def table(doc: dict) -> str:
                 masked = [r["latency_ms_b1_masked"] for r in rows if "latency_ms_b1_masked" in r]
                 notes = (f"torch gathered; masked {statistics.mean(masked):.1f} ms; " if masked
                          else "") + f"MACs sd {statistics.mean(r['macs_sd'] for r in rows) / 1e6:.1f} M"
+                if all("switching_share" in r for r in rows):
+                    notes += (f"; {statistics.mean(r['switching_share'] for r in rows):.1%} of "
+                              f"channels switch, in <= {max(r['gates_switching'] for r in rows)} "
+                              f"of {rows[0]['gates']} gates")
             else:
                 name = "static (ours), same MACs"
                 after = f"{statistics.mean(r['map50_pruned'] for r in rows):.4f}"

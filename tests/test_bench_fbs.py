@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from yolocompress.artifacts import file_sha256, load_artifact
+from yolocompress.compress.gate_stage import switching
 from yolocompress.config import load_config
 from yolocompress.pipeline import run_to_sparse
 
@@ -55,6 +56,10 @@ def test_fbs_and_static_share_the_start_the_epochs_and_the_macs(tmp_path):
     assert static["macs"] / doc["sparse"]["macs"] == pytest.approx(fbs["macs"] / fbs["macs_dense"],
                                                                    abs=0.03)
     assert fbs["latency_ms_b1_masked"] > 0 and doc["sparse"]["ort_ms_b1"] > 0
+    # how dynamic the gates are, from the run's own gate_macs.json
+    usage = json.loads((Path(fbs["artifact"]).parent / "gate_macs.json").read_text())["usage"]
+    assert {k: fbs[k] for k in ("switching_share", "gates_switching", "gates")} == switching(usage)
+    assert fbs["gates"] == len(usage) > 0
     text = md.read_text()
     assert bench.HEADING in text and "## Other\n\nkept" in text and "static (ours)" in text
     # a re-run trains nothing again
@@ -73,6 +78,19 @@ def test_table_pools_seeds_by_hand():
     text = _script().table(doc)
     assert "| FBS | 0.5 | 0,1 | 50.0 | 25.0% | 0.6000 ± 0.1414 |" in text
     assert "| static (ours), same MACs | 0.5 | 0 | 52.0 | 26.0% | 0.6000 | 0.1000 |" in text
+    assert "switch" not in text          # rows written before the script counted switching
+    for r, (share, n) in zip(doc["rows"], ((0.01, 2), (0.03, 4))):
+        r.update(switching_share=share, gates_switching=n, gates=65)
+    assert "MACs sd 2.0 M; 2.0% of channels switch, in <= 4 of 65 gates |" in _script().table(doc)
+
+
+def test_switching_counts_channels_strictly_between_the_bounds():
+    usage = {"conv1": [0.0, 0.5, 1.0, 0.02], "conv5": [0.98, 0.97], "conv9": [1.0, 1.0]}
+    # conv1: 0.5 switches (0.02 is on the bound); conv5: 0.97; conv9: none
+    assert switching(usage) == {"switching_share": 2 / 8, "gates_switching": 2, "gates": 3}
+    assert switching(usage, (0.0, 1.0)) == {"switching_share": 4 / 8, "gates_switching": 2,
+                                            "gates": 3}
+    assert switching({}) == {"switching_share": 0.0, "gates_switching": 0, "gates": 0}
 
 
 @pytest.mark.parametrize("extra, problem", [

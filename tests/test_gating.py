@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from yolocompress.artifacts import artifact_from_model, build_model, load_artifact, save_artifact
+from yolocompress.compress.gate_stage import switching
 from yolocompress.compress.gating import (GatedConv, apply_gating, count_macs, gate_penalty,
                                           gate_plan, gated_convs, gathered_model, keep_count, kwta)
 from yolocompress.errors import YoloCompressError
@@ -231,6 +232,9 @@ def test_gate_stage_trains_resumes_and_measures(tmp_path, capsys):
     assert 0 < res["macs_mean"] < 0.5 * res["macs_dense"]
     assert all(len(u) > 0 and all(0 <= v <= 1 for v in u) for u in res["usage"].values())
     assert (out / "channel_usage.png").stat().st_size > 0
+    sw = switching(res["usage"])
+    assert (f"{sw['switching_share']:.1%} of the gated channels switch between images, in "
+            f"{sw['gates_switching']} of {len(res['usage'])} gates") in capsys.readouterr().out
     assert "gate" in (out / "train_log.csv").read_text().splitlines()[0]
     mtime = (out / "best.pt").stat().st_mtime_ns
     assert main(argv) == 0                          # complete, same inputs: reused

@@ -35,8 +35,8 @@ from ..train.run import (DataSplits, StageParts, initial_model, load_data, stage
 from .gating import apply_gating, count_macs, gate_penalty, gate_plan, gated_convs
 from .groups import GROUPS
 
-__all__ = ["build_gate", "run_gate", "GateLogHook", "measure_gated", "plot_usage", "command",
-           "MACS_JSON", "USAGE_PNG"]
+__all__ = ["build_gate", "run_gate", "GateLogHook", "measure_gated", "switching", "plot_usage",
+           "command", "MACS_JSON", "USAGE_PNG", "SWITCHING"]
 
 MACS_JSON = "gate_macs.json"
 USAGE_PNG = "channel_usage.png"
@@ -141,6 +141,20 @@ def measure_gated(model: Darknet, records: Sequence[Record], img_size: int, lett
     }
 
 
+SWITCHING = (0.02, 0.98)   # a channel "switches" when more than 2 % and fewer than 98 % of images keep it
+
+
+def switching(usage: dict[str, Sequence[float]], bounds: tuple[float, float] = SWITCHING) -> dict:
+    """How dynamic the gates are, from measure_gated's `usage`: {switching_share (of all gated
+    channels, those kept by a share of images strictly inside `bounds`), gates_switching (gates
+    with at least one such channel), gates}."""
+    lo, hi = bounds
+    dynamic = {g: sum(1 for v in u if lo < v < hi) for g, u in usage.items()}
+    total = sum(len(u) for u in usage.values())
+    return {"switching_share": sum(dynamic.values()) / total if total else 0.0,
+            "gates_switching": sum(1 for n in dynamic.values() if n), "gates": len(usage)}
+
+
 def plot_usage(result: dict, path: str | os.PathLike) -> Path:
     """Per gate: a histogram of its channels' usage (share of val images keeping the channel),
     plus the distribution of executed MACs per image."""
@@ -187,8 +201,11 @@ def command(config: Config, args: Any) -> Path:
     """`yolocompress gate`: trains, then measures the executed MACs over the val split."""
     best = run_gate(config, from_artifact=args.from_artifact, force=args.force)
     res = measure_artifact(config, best)
+    sw = switching(res["usage"])
     print(f"gate: {res['macs_mean'] / 1e6:.2f} MMACs per image on average over {res['images']} "
           f"val images (sd {res['macs_sd'] / 1e6:.3f}, {res['macs_min'] / 1e6:.2f}-"
           f"{res['macs_max'] / 1e6:.2f}); dense {res['macs_dense'] / 1e6:.2f} "
-          f"({res['macs_mean'] / res['macs_dense']:.1%}); {stage_dir(config, 'gated') / MACS_JSON}")
+          f"({res['macs_mean'] / res['macs_dense']:.1%}); {sw['switching_share']:.1%} of the gated "
+          f"channels switch between images, in {sw['gates_switching']} of {sw['gates']} gates; "
+          f"{stage_dir(config, 'gated') / MACS_JSON}")
     return best
