@@ -492,6 +492,23 @@ def test_normalised_l2_and_taylor_importances_by_hand():
         get_importance("bn_taylor")
 
 
+def test_rank_importance_cuts_every_layer_by_one_share():
+    blocks = _cfg(_conv(4) + _conv(8) + _HEAD)
+    sd = _state(blocks)
+    sd["layers.0.bn.weight"] = torch.tensor([0.3, -0.1, 0.3, 2.0])      # a tie: by index
+    sd["layers.1.bn.weight"] = torch.linspace(-8, 0, 8) * 1e-3          # a tiny-gamma layer
+    rank = get_importance("bn_gamma_rank")(sd, [0, 1])
+    assert rank[0].tolist() == [0.5, 0.25, 0.75, 1.0]
+    assert rank[1].tolist() == [k / 8 for k in (8, 7, 6, 5, 4, 3, 2, 1)]
+    # one common threshold: half of each layer goes, whatever the spread of its gammas
+    groups, kw = [Group("all", "", (0, 1))], dict(min_keep=0.01, min_channels=1)
+    keep = make_masks(blocks, sd, groups, [0.5], importance=get_importance("bn_gamma_rank"), **kw)
+    assert keep[0].tolist() == [2, 3] and keep[1].tolist() == [0, 1, 2, 3]
+    # |gamma| / layer mean cuts the peaked layer to 1 and the even one to 5 (threshold 6/7)
+    keep = make_masks(blocks, sd, groups, [0.5], importance=get_importance("bn_gamma_norm"), **kw)
+    assert keep[0].tolist() == [3] and keep[1].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_importance_plugs_into_masks():
     blocks = read_cfg(TINY_CFG)
     sd = _state(blocks)

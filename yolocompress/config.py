@@ -297,10 +297,11 @@ class PruneConfig(_Section):
     # every prunable conv (network slimming); with global, percents has one value
     grouping: Literal["groups", "global"] = "groups"
     # channel ranking (compress/importance.py): |BN gamma| (network slimming) | |gamma| / its
-    # layer's mean | |gamma * dL/dgamma| over the search images (BN-Taylor) | L1 | L2 of filters |
-    # random (seeded by train.seed)
-    importance: Literal["bn_gamma_abs", "bn_gamma_norm", "bn_taylor", "l1_filter", "l2_filter",
-                        "random"] = "bn_gamma_norm"
+    # layer's mean | its rank in the layer (a common threshold cuts every layer by one share) |
+    # |gamma * dL/dgamma| over the search images (BN-Taylor) | L1 | L2 of filters | random
+    # (seeded by train.seed)
+    importance: Literal["bn_gamma_abs", "bn_gamma_norm", "bn_gamma_rank", "bn_taylor",
+                        "l1_filter", "l2_filter", "random"] = "bn_gamma_norm"
     # fold pruned channels' constant act(beta) into the next layer; off: after BN recalibration
     # it costs mAP right after pruning (docs/BENCHMARKS.md, "Right after pruning")
     compensate: bool = False

@@ -3,7 +3,8 @@
 `state` is a Darknet state_dict (or the model itself); `layers` a Group or an iterable of conv
 indices. Higher scores mean more important. `bn_gamma_abs` (|BN gamma|, network slimming),
 `bn_gamma_norm` (|gamma| divided by the mean |gamma| of its layer, so layers of different scale
-compare, as Torch-Pruning normalises by group), `l1_filter` / `l2_filter` (L1 / L2 norm of each
+compare, as Torch-Pruning normalises by group), `bn_gamma_rank` (its rank within the layer, so
+a common threshold cuts every layer by the same share), `l1_filter` / `l2_filter` (L1 / L2 norm of each
 filter, Li et al. 2017), `BNTaylor(sums)` (|gamma * dL/dgamma| summed over calibration batches,
 Molchanov et al. 2019: the data pass is compress.recalibrate.gamma_gradients, so this module
 stays pure) and `RandomImportance(seed)` (a baseline) plug into pruning unchanged;
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import YoloCompressError
 
-__all__ = ["Importance", "BNGammaAbs", "BNGammaNorm", "L1Filter", "L2Filter", "BNTaylor",
+__all__ = ["Importance", "BNGammaAbs", "BNGammaNorm", "BNGammaRank", "L1Filter", "L2Filter", "BNTaylor",
            "RandomImportance", "bn_gamma_abs", "l1_filter", "IMPORTANCES", "NEEDS_GRADIENTS",
            "get_importance", "tied_scores", "state_of"]
 
@@ -67,6 +68,22 @@ class BNGammaNorm:
         for c, g in bn_gamma_abs(state, layers).items():
             mean = g.mean() if g.size else 0.0
             out[c] = g / mean if mean > 0 else np.ones_like(g)
+        return out
+
+
+class BNGammaRank:
+    """The rank of |gamma| within the conv's layer, scaled to (0, 1]: (rank + 1) / n, ties by
+    channel index. One common threshold then keeps the same share of every layer (a uniform
+    width cut, the allocation FBS and uniform-scaling baselines use), each layer dropping its
+    lowest-|gamma| channels."""
+    name = "bn_gamma_rank"
+
+    def __call__(self, state, layers: Iterable[int]) -> dict[int, np.ndarray]:
+        out = {}
+        for c, g in bn_gamma_abs(state, layers).items():
+            rank = np.empty(g.size)
+            rank[np.argsort(g, kind="stable")] = np.arange(1, g.size + 1)
+            out[c] = rank / max(g.size, 1)
         return out
 
 
@@ -123,7 +140,8 @@ class RandomImportance:
 bn_gamma_abs = BNGammaAbs()
 l1_filter = L1Filter()
 
-IMPORTANCES = {"bn_gamma_abs": BNGammaAbs, "bn_gamma_norm": BNGammaNorm, "l1_filter": L1Filter,
+IMPORTANCES = {"bn_gamma_abs": BNGammaAbs, "bn_gamma_norm": BNGammaNorm,
+               "bn_gamma_rank": BNGammaRank, "l1_filter": L1Filter,
                "l2_filter": L2Filter, "bn_taylor": BNTaylor, "random": RandomImportance}
 NEEDS_GRADIENTS = frozenset({"bn_taylor"})     # built from gamma_gradients' sums
 

@@ -64,7 +64,8 @@ __all__ = ["run_prune", "plan_from_config", "remove_units_from_config", "command
 
 PLOTS = {"channels kept per layer": "channels_kept.png",
          "importance per group with its threshold": "gamma_thresholds.png"}
-_LABELS = {"bn_gamma_abs": "|γ|", "bn_gamma_norm": "|γ| / layer mean", "bn_taylor": "|γ·dL/dγ|",
+_LABELS = {"bn_gamma_abs": "|γ|", "bn_gamma_norm": "|γ| / layer mean",
+           "bn_gamma_rank": "|γ| rank in layer", "bn_taylor": "|γ·dL/dγ|",
            "l1_filter": "filter L1", "l2_filter": "filter L2", "random": "random score"}
 
 
