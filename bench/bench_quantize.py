@@ -1,10 +1,11 @@
-"""Stage 4 on one artifact (default: the demo's distilled model): FP32 ONNX vs INT8 ONNX (mAP by
-`yolocompress eval` on each .onnx, size, ONNX Runtime latency at batch 1 and 8 side by side),
+"""Stage 4 on one artifact (default: the demo's distilled model): FP32 ONNX vs INT8 ONNX vs INT8
+with table-lookup activations (`quantize.activation=lut`) (mAP by `yolocompress eval` on each
+.onnx, size, ONNX Runtime latency at batch 1 and 8 side by side),
 the calibration methods x what stays float (and the naive all-INT8 control), weight sharing at b bits and global unstructured
 magnitude pruning (mAP of the PyTorch model, size of the compact file on disk).
 
 Everything is made afresh in a temp folder (export, quantization, clustering): nothing stale is
-reused. Parts (`--parts`): onnx (the FP32 / INT8 pair: mAP, size, latency; `--speed-only`
+reused. Parts (`--parts`): onnx (FP32 / INT8 / INT8-LUT: mAP, size, latency; `--speed-only`
 times them without scoring), methods, naive, sharing, unstructured. Latency protocol as
 bench/bench_speed.py: per model `--warmup` untimed then `--iters` timed passes of one fixed
 random batch, median; the models interleaved for `--rounds` rounds; load average recorded.
@@ -78,8 +79,10 @@ def _quantize(config, artifact: Path, tmp: Path, name: str, fp32: Path | None = 
 def part_onnx(config, artifact, tmp, args, data) -> dict:
     int8, rec = _quantize(config, artifact, tmp, "int8")
     fp32 = tmp / "fp32.onnx"
-    models = {"fp32": fp32, "int8": int8}
+    lut, lut_rec = _quantize(config, artifact, tmp, "int8-lut", fp32, ("quantize.activation=lut",))
+    models = {"fp32": fp32, "int8": int8, "int8-lut": lut}
     out = {"quantize": {k: v for k, v in rec.items() if k != "detect_convs"},
+           "lut_activations": lut_rec["lut_by_kind"],
            "models": {k: {"size_bytes": p.stat().st_size} for k, p in models.items()}}
     if not args.speed_only:
         for k, p in models.items():
@@ -208,7 +211,10 @@ def markdown(res: dict) -> str:
                     f"{o['quantize']['method']}, {o['quantize']['calibration_images']} training "
                     f"images, keep_float {o['quantize']['keep_float']}, INT8 ops "
                     f"{o['quantize']['ops']}, per-channel "
-                    f"{o['quantize']['per_channel']}; {o['quantize']['reduce_range_why']}.", ""]
+                    f"{o['quantize']['per_channel']}; {o['quantize']['reduce_range_why']}."
+                + (" INT8-LUT: the same with `quantize.activation=lut`, "
+                   + ", ".join(f"{n} {kind}" for kind, n in o["lut_activations"].items())
+                   + " activations as table lookups." if "lut_activations" in o else ""), ""]
     if "methods" in res:
         out += ["| calibration | kept in float | INT8 ops | per-channel | mAP@0.5 VOC07 | "
                 "all-point |", "|---|---|---|---|---:|---:|"]

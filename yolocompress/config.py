@@ -407,6 +407,9 @@ class QuantizeConfig(_Section):
     # what stays in float: "decode" = the box decode after the detection convs (quantizing it
     # gives ~0 mAP); "detect" = that and the detection convs themselves
     keep_float: Literal["decode", "detect"] = "decode"
+    # how the activations after the INT8 convs run: "float" = dequantized, mish as float
+    # arithmetic; "lut" = mish and leaky as a 256-entry table lookup on the uint8 codes
+    activation: Literal["float", "lut"] = "float"
     # 7-bit weights against int16 saturation on CPUs without VNNI; null = on exactly there
     reduce_range: Optional[bool] = None
 

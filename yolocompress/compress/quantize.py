@@ -10,7 +10,8 @@ enter it dequantized), with keep_float "detect" those convs too, and a maxpool's
 The detection convs are found in the graph, not by name: the convs from which no other conv is
 reached (the convs feeding the [yolo] layers); the decode is every node downstream of them.
 `ops` "conv" runs only the convs in INT8 (activations float between them), "all" every op ONNX
-Runtime quantizes. `reduce_range` (7-bit weights) is used where the CPU lacks VNNI
+Runtime quantizes. `activation` "lut" then makes each mish / leaky ReLU after an INT8 conv a
+256-entry table lookup on its uint8 codes (quantize_lut.py), "float" leaves it float. `reduce_range` (7-bit weights) is used where the CPU lacks VNNI
 (`cpu_has_vnni`, said in one line). The metadata_props travel along, so `eval` / `predict` score
 the INT8 file like the FP32 one.
 """
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..errors import YoloCompressError
 from ..fileio import atomic_open, refuse_overwrite
+from .quantize_lut import find_activations, lookup_activations
 from .recalibrate import Calibration
 
 __all__ = ["METHODS", "CalibrationReader", "cpu_has_vnni", "float_nodes", "onnx_precision",
@@ -171,7 +173,8 @@ class CalibrationReader:
 def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section) -> dict:
     """Write the INT8 model of the exported `fp32` file to `out` (atomically) with the
     `QuantizeConfig` `section`; returns what was done (method, images, reduce_range and why,
-    the float nodes, the detection convs, sizes in bytes)."""
+    the float nodes, the detection convs, with activation "lut" the number of activations made
+    table lookups, in total and per kind (0: the model has none that can be), sizes in bytes)."""
     onnx, q = _import_quantization()
     fp32, out = Path(fp32), Path(out)
     refuse_overwrite([out], [fp32])
@@ -191,6 +194,10 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
     # an infinite tensor must not even be calibrated (the histogram methods fail on it): leave
     # the op types of the unbounded nodes (Pad, MaxPool: odd Darknet padding) out entirely
     skip = {n.op_type for n in proto.graph.node if n.name in set(floats["unbounded"])}
+    # activation "lut": the activations stay out of quantize_static (with ops "all" it would put
+    # Q/DQ inside the mish chain) and become table lookups after it
+    lut = [n.name for a in find_activations(proto.graph, floats["keep"]) for n in a.nodes] \
+        if section.activation == "lut" else []
     op_types = ["Conv"] if section.ops == "conv" else None
     if skip and op_types is None:     # quantize_static's own default list, less those
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -204,19 +211,22 @@ def quantize_onnx(fp32: str | Path, out: str | Path, calib: Calibration, section
                     str(fp32), str(tmp_out), reader, quant_format=q.QuantFormat.QDQ,
                     per_channel=section.per_channel, reduce_range=reduce_range,
                     activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                    nodes_to_exclude=floats["keep"], op_types_to_quantize=op_types,
+                    nodes_to_exclude=floats["keep"] + lut, op_types_to_quantize=op_types,
                     calibrate_method=method, extra_options=extra)
         except (ValueError, RuntimeError) as e:
             raise YoloCompressError(f"{fp32}: ONNX Runtime cannot quantize it "
                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                                     ) from e
         int8 = onnx.load(str(tmp_out))
+    looked_up = lookup_activations(int8, floats["keep"]) if section.activation == "lut" else {}
     onnx.helper.set_model_props(int8, {p.key: p.value for p in proto.metadata_props})
     with atomic_open(out, "wb") as f:
         f.write(int8.SerializeToString())
     return {"method": section.method, "calibration_images": calib.images,
             "per_channel": section.per_channel, "ops": section.ops,
-            "keep_float": section.keep_float, "reduce_range": reduce_range,
+            "keep_float": section.keep_float, "activation": section.activation,
+            "lut_activations": sum(looked_up.values()) if looked_up else None,
+            "lut_by_kind": looked_up, "reduce_range": reduce_range,
             "reduce_range_why": why, "float_nodes": len(floats["keep"]),
             "detect_convs": floats["detect"], "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": out.stat().st_size}

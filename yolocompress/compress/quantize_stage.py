@@ -73,6 +73,10 @@ def command(config: Config, args) -> Path:
           f"float: {rec['float_nodes']} nodes (the decode after "
           f"{', '.join(rec['detect_convs'])}"
           f"{' and those convs' if rec['keep_float'] == 'detect' else ''})")
+    if rec["activation"] == "lut":
+        print(f"activations as table lookups: {rec['lut_activations']} ("
+              + ", ".join(f"{kind} {n}" for kind, n in rec["lut_by_kind"].items()) + ")"
+              + ("" if rec["lut_activations"] else ": none after an INT8 conv, all stay float"))
     print(f"wrote {out}: {rec['int8_bytes'] / 2 ** 20:.2f} MiB"
           + (f" (FP32 {fp32}: {rec['fp32_bytes'] / 2 ** 20:.2f} MiB)" if fp32 else ""))
     return out
