@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The built-in demo, end to end on CPU: generate the demo data, run the compression pipeline
-# (baseline -> sparse -> prune -> distill, the baseline adopted from the shipped
+# (baseline -> sparse -> prune -> distill -> INT8 ONNX, the baseline adopted from the shipped
 # cfg/experiments/demo-baseline.pt), then detect on a few validation images with the final model
 # and export it to ONNX and to Darknet cfg + weights.
 # Re-running skips finished stages (runs/demo/ is kept); pass --force to run every stage again.

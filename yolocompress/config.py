@@ -407,9 +407,10 @@ class QuantizeConfig(_Section):
     # what stays in float: "decode" = the box decode after the detection convs (quantizing it
     # gives ~0 mAP); "detect" = that and the detection convs themselves
     keep_float: Literal["decode", "detect"] = "decode"
-    # how the activations after the INT8 convs run: "float" = dequantized, mish as float
-    # arithmetic; "lut" = mish and leaky as a 256-entry table lookup on the uint8 codes
-    activation: Literal["float", "lut"] = "float"
+    # how the activations after the INT8 convs run: "lut" = mish and leaky as a 256-entry table
+    # lookup on the uint8 codes (1.6-1.8x FP32 at batch 1 on the demo, docs/BENCHMARKS.md);
+    # "float" = dequantized, mish as float arithmetic (about FP32's speed)
+    activation: Literal["float", "lut"] = "lut"
     # 7-bit weights against int16 saturation on CPUs without VNNI; null = on exactly there
     reduce_range: Optional[bool] = None
 
