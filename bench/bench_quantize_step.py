@@ -29,7 +29,7 @@ FINDINGS = """\
 Reading it: the step is the `yolocompress quantize` work (export, 200 calibration images, INT8
 model); scoring adds one val-split evaluation and the batch-1 and batch-8 timings per ONNX row.
 One run, timed on the shared machine: the wall times and the INT8 / FP32 latency ratio move with
-the load (the Stage 4 section's quiet 2-thread measurement gave 1.08x at batch 1). The FP32 ONNX
+the load (the Stage 4 section's quiet 2-thread measurement gave 1.69x at batch 1). The FP32 ONNX
 row scores exactly as the artifact in torch (the same evaluator, another runtime); the CPU ms of
 the torch row and the ONNX rows are from different runtimes and are not compared."""
 _KEEP = ("stage", "artifact", "backend", "precision", "map50_voc07", "map50_all", "params",
