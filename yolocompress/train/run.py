@@ -3,7 +3,9 @@
 `run_stage` is the one place a training stage is assembled. What a stage adds to the loop is a
 `StageParts` (starting model, parent / teacher artifacts, hooks, criterion wrapper, artifact
 extras, lr multiplier) made by the builder its registry entry names (stages.py `build`);
-`train_built(config, stage, force, **sources)` runs builder + run_stage.
+`train_built(config, stage, force, **sources)` runs builder + run_stage. The Trainer itself
+(loader, criterion, optimizer, EMA, schedule) is assembled by `build_trainer`, which a training
+outside the stages (centroid fine-tuning, compress/share_finetune.py) uses too.
 Skip and resume follow the one rule of inputs.py: a complete stage (best.pt and metrics.json)
 is reused only when its recorded inputs (parent / teacher sha256, the config sections it reads)
 equal the current ones, else it is an error naming the change (`--force` redoes it); an
@@ -48,7 +50,7 @@ from .optim import accumulate_steps, build_optimizer
 
 __all__ = ["DataSplits", "load_data", "initial_model", "run_stage", "run_dir", "stage_dir", "MultiScaleHook",
            "detection_criterion", "uses_letterbox", "config_evaluator", "with_stage_budget",
-           "optimizer_steps_per_epoch", "describe_schedule",
+           "optimizer_steps_per_epoch", "describe_schedule", "build_trainer",
            "train_command", "StageParts", "build_baseline", "train_built"]
 
 
@@ -261,26 +263,51 @@ def train_command(config: Config, args: Any) -> Path:
     return train_built(config, "baseline", force=args.force)
 
 
-def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
-           force, lr_mult, best_from):
-    tc, names = config.train, data.names
+def build_trainer(config: Config, model: Darknet, train: Sequence[Record], device: torch.device, *,
+                  hooks: Sequence[HookBase] = (), criterion_wrapper: Callable | None = None,
+                  lr_mult: tuple[Sequence[nn.Parameter], float] | None = None,
+                  world_size: int = 1, progress: bool = True) -> tuple[Trainer, LRSchedule]:
+    """(Trainer, its LRSchedule): the one assembly of a training run over the `train` records
+    with `config.train`'s settings -- the augmented loader (seeded sampler), the detection
+    criterion (through `criterion_wrapper`), the optimizer (`lr_mult`: build_optimizer's), EMA,
+    the LR schedule, multi-scale, accumulation and AMP -- plus `hooks`. A stage (`_train`) adds
+    evaluation, logging and checkpoints; centroid fine-tuning (compress/share_finetune.py) trains
+    with it as it is."""
+    tc = config.train
     img = config.model.img_size
-    letterbox = uses_letterbox(config, model)
-    device = dist.device
     model.to(device)
-    train_set = DetectionDataset(data.train, img, config.augment, letterbox=letterbox,
+    train_set = DetectionDataset(train, img, config.augment,
+                                 letterbox=uses_letterbox(config, model),
                                  cache_images=config.data.cache_images, strict=config.data.strict)
     sampler = SeededRandomSampler(train_set, seed=tc.seed)
     loader = build_loader(train_set, tc.batch_size, shuffle=False, workers=config.data.workers,
                           seed=tc.seed, sampler=sampler,
                           drop_last=_drop_last(len(train_set), tc.batch_size))
-    loss = YoloLoss(model.heads)
-    criterion = detection_criterion(loss)
+    criterion = detection_criterion(YoloLoss(model.heads))
     if criterion_wrapper is not None:
         criterion = criterion_wrapper(criterion)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.momentum, tc.weight_decay,
                                 lr_mult=lr_mult)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
+    lr_schedule = LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
+                             final_ratio=tc.scales, max_fraction=tc.burn_in_max)
+    all_hooks: list[HookBase] = [lr_schedule, *hooks]
+    if tc.multi_scale:
+        all_hooks.append(MultiScaleHook(img, tc.multi_scale_range, tc.multi_scale_interval, tc.seed))
+    train_model = wrap_ddp(model, device) if world_size > 1 else model
+    accumulate = accumulate_steps(tc.nominal_batch, tc.batch_size, world_size)
+    amp = (device.type == "cuda") if tc.amp is None else tc.amp
+    trainer = Trainer(train_model, criterion, optimizer, loader, epochs=tc.epochs,
+                      accumulate=accumulate, device=device, amp=amp, grad_clip=tc.grad_clip,
+                      hooks=all_hooks, ema=ema, seed=tc.seed, progress=progress)
+    return trainer, lr_schedule
+
+
+def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_wrapper, extra,
+           force, lr_mult, best_from):
+    tc, names = config.train, data.names
+    img = config.model.img_size
+    letterbox = uses_letterbox(config, model)
     lineage = lineage_of(parent)
 
     def make_artifact(m: nn.Module, metrics: dict) -> dict:
@@ -291,23 +318,15 @@ def _train(config, stage, model, parent, data, dist, out_dir, hooks, criterion_w
                                    lineage=lineage, **extra)
 
     metric_key = METRIC_KEYS[config.eval.metric]
-    lr_schedule = LRSchedule(tc.burn_in, tc.burn_in_power, tc.schedule, tc.steps, tc.scales,
-                             final_ratio=tc.scales, max_fraction=tc.burn_in_max)
-    all_hooks: list[HookBase] = [
-        lr_schedule,
-        EvalHook(config_evaluator(config, data.val, names, letterbox), every=tc.eval_interval),
-        LoggerHook(out_dir),
-        CheckpointHook(out_dir, make_artifact, metric=metric_key, best_from=best_from),
-        *hooks,
-    ]
-    if tc.multi_scale:
-        all_hooks.append(MultiScaleHook(img, tc.multi_scale_range, tc.multi_scale_interval, tc.seed))
-    train_model = wrap_ddp(model, device) if dist.world_size > 1 else model
-    accumulate = accumulate_steps(tc.nominal_batch, tc.batch_size, dist.world_size)
-    amp = (device.type == "cuda") if tc.amp is None else tc.amp
-    trainer = Trainer(train_model, criterion, optimizer, loader, epochs=tc.epochs,
-                      accumulate=accumulate, device=device, amp=amp, grad_clip=tc.grad_clip,
-                      hooks=all_hooks, ema=ema, seed=tc.seed, progress=dist.is_main)
+    trainer, lr_schedule = build_trainer(
+        config, model, data.train, dist.device,
+        hooks=[EvalHook(config_evaluator(config, data.val, names, letterbox),
+                        every=tc.eval_interval),
+               LoggerHook(out_dir),
+               CheckpointHook(out_dir, make_artifact, metric=metric_key, best_from=best_from),
+               *hooks],
+        criterion_wrapper=criterion_wrapper, lr_mult=lr_mult, world_size=dist.world_size,
+        progress=dist.is_main)
     if dist.is_main:
         for line in describe_schedule(stage, trainer, lr_schedule, tc.lr, lr_mult):
             print(line)
