@@ -21,7 +21,7 @@ from ..errors import YoloCompressError
 from ..fileio import atomic_open
 
 __all__ = ["COMPACT_FORMAT", "pack_bits", "unpack_bits", "encode_shared", "encode_sparse",
-           "decode_entry", "entry_bytes", "save_compact", "load_compact"]
+           "shared_indices", "decode_entry", "entry_bytes", "save_compact", "load_compact"]
 
 COMPACT_FORMAT = "yolocompress-compact/1"
 
@@ -60,13 +60,19 @@ def encode_sparse(weight: torch.Tensor) -> dict:
             "values": w.flatten()[nz].clone()}
 
 
+def shared_indices(entry: dict) -> torch.Tensor:
+    """The codebook index of every weight of a "shared" entry (int64, the weight's shape)."""
+    shape = [int(s) for s in entry["shape"]]
+    idx = unpack_bits(entry["indices"].numpy(), int(entry["bits"]), math.prod(shape))
+    return torch.from_numpy(idx).reshape(shape)
+
+
 def decode_entry(entry: dict) -> torch.Tensor:
     """The float32 tensor an entry stands for."""
     shape = [int(s) for s in entry["shape"]]
     count = math.prod(shape)
     if entry["kind"] == "shared":
-        idx = unpack_bits(entry["indices"].numpy(), int(entry["bits"]), count)
-        return entry["codebook"][torch.from_numpy(idx)].reshape(shape)
+        return entry["codebook"][shared_indices(entry)]
     if entry["kind"] == "sparse":
         nz = torch.from_numpy(unpack_bits(entry["mask"].numpy(), 1, count).astype(bool))
         out = torch.zeros(count)

@@ -6,7 +6,8 @@ Compression found best: it keeps the rare large weights), assignments by the nea
 a tensor with at most k distinct values keeps them exactly. `share_weights(art, bits)` clusters
 every conv weight of an artifact and returns the artifact with the clustered weights plus the
 entries `compact.save_compact` stores; BatchNorm parameters and biases stay float32. Centroid
-fine-tuning (training the codebook with the summed gradients of its weights) is not done here.
+fine-tuning (training the codebooks with the summed gradients of their weights, the assignments
+fixed) is `share_finetune.finetune_shared`, on what `share_weights` returns.
 """
 from __future__ import annotations
 

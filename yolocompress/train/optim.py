@@ -2,8 +2,10 @@
 
 Three parameter groups, named in `group["name"]`: "decay" (conv/linear weights, weight decay on),
 "bn" (normalisation-layer weights) and "bias" (every bias and any other 1-D parameter), both without
-decay: Darknet decays conv weights only. SGD uses classic momentum (nesterov off); Adam/AdamW use
-`momentum` as beta1.
+decay: Darknet decays conv weights only. A parametrized tensor (torch.nn.utils.parametrize, e.g. a
+conv weight tied to a codebook: compress/share_finetune.py) is grouped as the tensor it stands
+for, whatever the shape of the parameters it is made of. SGD uses classic momentum (nesterov
+off); Adam/AdamW use `momentum` as beta1.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
 from ..errors import YoloCompressError
 from .distributed import unwrap
@@ -27,16 +30,30 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "bn": [], "bias": []}
     norm_types = (_NormBase, nn.GroupNorm, nn.LayerNorm)
     for module in unwrap(model).modules():
-        for name, p in module.named_parameters(recurse=False):
+        if isinstance(module, parametrize.ParametrizationList):
+            continue        # its parameters are grouped with the module they parametrize
+        for name, p, ndim in _own_parameters(module):
             if not p.requires_grad:
                 continue
-            if name == "bias" or (p.ndim <= 1 and not isinstance(module, norm_types)):
+            if name == "bias" or (ndim <= 1 and not isinstance(module, norm_types)):
                 groups["bias"].append(p)
             elif isinstance(module, norm_types):
                 groups["bn"].append(p)
             else:
                 groups["decay"].append(p)
     return groups
+
+
+def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+    """(name, parameter, ndim of the tensor it makes) of a module's own parameters; the
+    parameters behind a parametrized tensor get that tensor's name and ndim."""
+    own = [(name, p, p.ndim) for name, p in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        with torch.no_grad():
+            for name, plist in module.parametrizations.items():
+                ndim = getattr(module, name).ndim
+                own += [(name, p, ndim) for p in plist.parameters(recurse=False)]
+    return own
 
 
 def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.0013, momentum: float = 0.949,
