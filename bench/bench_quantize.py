@@ -6,7 +6,9 @@ magnitude pruning (mAP of the PyTorch model, size of the compact file on disk).
 
 Everything is made afresh in a temp folder (export, quantization, clustering): nothing stale is
 reused. Parts (`--parts`): onnx (FP32 / INT8 / INT8-LUT: mAP, size, latency; `--speed-only`
-times them without scoring), methods, naive, sharing, unstructured. Latency protocol as
+times them without scoring), methods, naive, sharing (`--share-finetune-steps N`: also each b
+with its centroids fine-tuned N steps, and the unshared model fine-tuned N steps as the control),
+unstructured. Latency protocol as
 bench/bench_speed.py: per model `--warmup` untimed then `--iters` timed passes of one fixed
 random batch, median; the models interleaved for `--rounds` rounds; load average recorded.
 `--write` merges each part, as it finishes, into docs/bench/quantize.json and rewrites the
@@ -21,11 +23,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from yolocompress.artifacts import build_model, load_artifact
+from yolocompress.artifacts import build_model, load_artifact, save_artifact
 from yolocompress.benchmarks import BENCHMARKS_MD, command_line, machine, run_script, write_result
 from yolocompress.cli import main as cli
 from yolocompress.compress.compact import save_compact
 from yolocompress.compress.quantize_stage import quantize_model
+from yolocompress.compress.share_finetune import finetune_shared
 from yolocompress.compress.unstructured import magnitude_prune
 from yolocompress.compress.weight_sharing import share_weights
 from yolocompress.config import load_config
@@ -33,6 +36,7 @@ from yolocompress.data.descriptor import load_descriptor, load_split
 from yolocompress.eval.evaluate import ModelEvaluator, evaluate_model
 from yolocompress.eval.speed import measure_latency_onnx
 from yolocompress.fileio import atomic_open
+from yolocompress.train.run import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Stage 4: INT8 quantization, weight sharing, unstructured pruning"
@@ -170,16 +174,38 @@ def part_naive(config, artifact, tmp, args, data) -> dict:
 
 
 def part_sharing(config, artifact, tmp, args, data, desc, records) -> list[dict]:
+    """Rows: the artifact, each b of --bits; with --share-finetune-steps N also the artifact
+    fine-tuned N steps (the control) and each b with its centroids fine-tuned the same way."""
     art = load_artifact(artifact)
-    rows = [{"bits": None, "size_bytes": artifact.stat().st_size, **_eval_art(art, config, desc,
-                                                                             records)}]
+    steps = args.share_finetune_steps
+    train = load_data(config) if steps else None
+    # the control first: a bad --share-finetune-steps fails before any scoring
+    tuned = finetune_shared(art, {}, config, steps=steps, data=train, progress=True)[0]
+    rows = [_sharing_row(None, art, artifact.stat().st_size, config, desc, records)]
+    if steps:
+        save_artifact(tuned, tmp / "finetuned.pt")
+        rows.append(_sharing_row(None, tuned, (tmp / "finetuned.pt").stat().st_size, config, desc,
+                                 records))
     for bits in args.bits:
         shared, encoded = share_weights(art, bits)
-        size = save_compact(shared, encoded, tmp / f"shared{bits}.pt")
-        rows.append({"bits": bits, "size_bytes": size,
-                     **_eval_art(shared, config, desc, records)})
-        print(rows[-1], flush=True)
+        rows.append(_sharing_row(bits, shared, save_compact(shared, encoded,
+                                                            tmp / f"shared{bits}.pt"),
+                                 config, desc, records))
+        if steps:
+            tuned, tuned_encoded = finetune_shared(shared, encoded, config, steps=steps,
+                                                   data=train, progress=True)
+            rows.append(_sharing_row(bits, tuned, save_compact(tuned, tuned_encoded,
+                                                               tmp / f"shared{bits}-ft.pt"),
+                                     config, desc, records))
     return rows
+
+
+def _sharing_row(bits, art, size, config, desc, records) -> dict:
+    row = {"bits": bits, "size_bytes": size, **_eval_art(art, config, desc, records)}
+    if "share_finetune" in art:
+        row["finetune_steps"] = art["share_finetune"]["steps"]
+    print(row, flush=True)
+    return row
 
 
 def part_unstructured(config, artifact, tmp, args, data, desc, records) -> list[dict]:
@@ -200,6 +226,14 @@ _LABELS = {"fp32": "FP32 ONNX", "int8": "INT8 ONNX, float activations",
 
 def _mib(b: int) -> str:
     return f"{b / 2 ** 20:.2f} MiB"
+
+
+def _finetuned(row: dict) -> str:
+    """The sharing table's fine-tuned cell: what trained for how many optimizer steps."""
+    if "finetune_steps" not in row:
+        return "no"
+    what = "every weight (control)" if row["bits"] is None else "centroids"
+    return f"{what}, {row['finetune_steps']} steps"
 
 
 def markdown(res: dict) -> str:
@@ -247,11 +281,11 @@ def markdown(res: dict) -> str:
         out += [f"Control, {n['what']} ({n['method']}, {n['calibration_images']} images): "
                 f"mAP@0.5 VOC07 {n['map50_voc07']:.4f}, all-point {n['map50_all']:.4f}.", ""]
     if "sharing" in res:
-        out += ["| weight sharing | mAP@0.5 VOC07 | all-point | size on disk |",
-                "|---|---:|---:|---:|"]
+        out += ["| weight sharing | fine-tuned | mAP@0.5 VOC07 | all-point | size on disk |",
+                "|---|---|---:|---:|---:|"]
         out += [f"| {'none (artifact .pt)' if r['bits'] is None else str(r['bits']) + ' bits'} | "
-                f"{r['map50_voc07']:.4f} | {r['map50_all']:.4f} | {_mib(r['size_bytes'])} |"
-                for r in res["sharing"]] + [""]
+                f"{_finetuned(r)} | {r['map50_voc07']:.4f} | {r['map50_all']:.4f} | "
+                f"{_mib(r['size_bytes'])} |" for r in res["sharing"]] + [""]
     if "unstructured" in res:
         out += ["| unstructured L1, share of conv weights zeroed | mAP@0.5 VOC07 | all-point | "
                 "size on disk (sparse) |", "|---:|---:|---:|---:|"]
@@ -273,6 +307,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6, 7, 8])
+    ap.add_argument("--share-finetune-steps", type=int, default=0, metavar="N",
+                    help="sharing part: also fine-tune each b's centroids N optimizer steps (the "
+                         "distill section's optimizer and lr; whole epochs, as distill.steps), "
+                         "and the unshared model N steps as the control (0: off)")
     ap.add_argument("--shares", type=float, nargs="+",
                     default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     ap.add_argument("--write", action="store_true")
