@@ -156,16 +156,20 @@ def test_bench_sharing_rows_and_table(mini, art, tmp_path):
     save_artifact(art, tmp_path / "a.pt")
     desc = load_descriptor(mini.require_file("data.descriptor"))
 
-    def rows(steps):
+    def rows(steps, lr=None):
         return bench.part_sharing(mini, tmp_path / "a.pt", tmp_path, SimpleNamespace(
-            bits=[BITS], share_finetune_steps=steps), None, desc, load_split(desc, "val"))
+            bits=[BITS], share_finetune_steps=steps, share_finetune_lr=lr), None, desc,
+            load_split(desc, "val"))
 
     assert "steps must be >= 0, got -1" in _error(lambda: rows(-1))
-    got = rows(1)
-    assert [(r["bits"], r.get("finetune_steps")) for r in got] == [
-        (None, None), (None, 2), (BITS, None), (BITS, 2)]
+    got = rows(1, lr=2e-4)
+    assert [(r["bits"], r.get("finetune_steps"), r.get("finetune_lr")) for r in got] == [
+        (None, None, None), (None, 2, 2e-4), (BITS, None, None), (BITS, 2, 2e-4)]
     table = bench.markdown({"sharing": got}).splitlines()
     assert table[0].startswith("| weight sharing | fine-tuned |")
     assert [line.split(" | ")[1] for line in table[2:6]] == [
-        "no", "every weight (control), 2 steps", "no", "centroids, 2 steps"]
-    assert table[5].startswith(f"| {BITS} bits | centroids, 2 steps |")
+        "no", "every weight (control), 2 steps at lr 0.0002", "no",
+        "centroids, 2 steps at lr 0.0002"]
+    assert table[5].startswith(f"| {BITS} bits | centroids, 2 steps at lr 0.0002 |")
+    # without --share-finetune-lr: the distill section's
+    assert {r.get("finetune_lr") for r in rows(1)} == {None, mini.distill.lr}
