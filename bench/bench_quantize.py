@@ -48,10 +48,11 @@ d6405bc (the pipeline's stages are unchanged since; copied outside the clone to 
 Reading it: with table-lookup activations (`quantize.activation: lut`, the default) the INT8
 model is 1.69x FP32 at batch 1 and 1.47x at batch 8 (2 threads) for 0.63 mAP points; with the
 activations in float it is 1.09x / 1.00x: the dequantize, float mish, quantize chain around every
-conv costs what the INT8 convs save. In ONNX Runtime's profile of the LUT model QLinearConv takes
-44 % of the kernel time, the lookup (GatherElements, Cast, Reshape, Transpose) 40 % and
-Quantize/Dequantize 3 %; of the float-activation model, the float mish 41 %, QLinearConv 31 %,
-Q/DQ 17 %. Both keep the box decode (and with keep_float "detect" the detection convs) in float;
+conv costs what the INT8 convs save. In one ONNX Runtime profile of each model (a one-off run with
+SessionOptions.enable_profiling, 23 passes at batch 1, on a busy machine; not a committed
+script) QLinearConv took 44 % of the LUT model's kernel time, the lookup (GatherElements, Cast,
+Reshape, Transpose) 40 % and Quantize/Dequantize 3 %; of the float-activation model, the float
+mish 41 %, QLinearConv 31 %, Q/DQ 17 %. Both keep the box decode (and with keep_float "detect" the detection convs) in float;
 the naive control quantizes everything and loses about 40 % of the mAP (its final Concat puts
 pixel boxes and probabilities in one 8-bit range). Through `quantize_static` the entropy method
 has 128 histogram bins for 128 levels, so its KL search has one candidate (the full range) and it
@@ -62,7 +63,8 @@ tensors), so it has FP32's latency: those rows are size and mAP only. Weight sha
 alone costs 0.6 points at 6 and 7 bits on this model (0.09 on the previous demo model) and 0.1 at
 8 bits; more k-means iterations (300: 29 % less squared weight error), re-estimating the BN
 statistics, or k-means weighted by each channel's BN scale (the error of the folded weights) did
-not close it (0.6709, 0.6704, 0.6714 at 6 bits; one-off script, not committed).
+not close it (6 bits: 0.6709 with 300 iterations, 0.6685 with the BN statistics re-estimated,
+0.6714 weighted with 300 iterations; one-off script, not committed).
 
 Centroid fine-tuning (`--share-finetune-steps 62 --share-finetune-lr 5e-5`: one demo epoch, the
 codebooks trained with the indices fixed, BN and biases free) and its control, the unshared
