@@ -376,3 +376,41 @@ def test_plots_write_pngs_and_reject_empty_input(tmp_path):
     with pytest.raises(YoloCompressError, match="no threshold for group G3"):
         plot_gamma_thresholds(scores, {"G1": 0.2}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_reconstruction_refits_the_convs_and_reports_what_it_bought(mini, tmp_path, capsys):
+    out = tmp_path / "rc" / "best.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(out), "--latency-iters",
+                  "0", "prune.reconstruct=4") == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"reconstructed \d+ of \d+ convs on \d+ images in [\d.]+ s", printed)
+    assert "(compensation off, not reconstructed)" in printed
+    src, art = load_artifact(mini / "sparse.pt"), load_artifact(out)
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    rec = metrics["reconstruction"]
+    refit = [c["layer"] for c in rec["convs"] if c["refitted"]]
+    assert rec["images"] == 4 and refit and metrics["seconds"]["reconstruct"] > 0
+    assert all(c["error_after"] <= c["error_before"] for c in rec["convs"])
+    assert set(rec["off"]) == set(metrics["after"]) - {"params", "flops", "layers"}
+    assert art["prune"]["settings"]["reconstruct"] == 4
+    assert "Convs refitted to the unpruned model's outputs on 4 training images" in \
+        (out.parent / "report.md").read_text()
+    # the record still replays to the same cfg; the refitted convs' weights are new
+    blocks, state = replay(parse_cfg(src["cfg"]), src["state_dict"], art["prune"], False)
+    assert write_cfg(blocks) == art["cfg"]
+    key = "layers.{}.conv.weight".format
+    assert all(not torch.equal(state[key(i)], art["state_dict"][key(i)]) for i in refit)
+    assert all(torch.equal(state[key(c["layer"])], art["state_dict"][key(c["layer"])])
+               for c in rec["convs"] if not c["refitted"])
+    # off: nothing refitted, the record replays to the weights
+    plain = tmp_path / "plain" / "best.pt"
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "--out", str(plain),
+                  "--latency-iters", "0") == 0
+    off = json.loads((plain.parent / "metrics.json").read_text())["reconstruction"]
+    assert off["images"] == 0 and off["convs"] == []
+    assert "not reconstructed" not in capsys.readouterr().out
+
+
+def test_reconstruction_errors(mini, capsys):
+    assert _prune(mini, "--from", str(mini / "sparse.pt"), "prune.reconstruct=-1") == 2
+    assert "prune.reconstruct: must be >= 0" in capsys.readouterr().err

@@ -326,6 +326,10 @@ class PruneConfig(_Section):
     # model are re-estimated on before it is scored or saved; 0 = keep the stored statistics
     recalibrate: int = 400
     search_images: int = 64               # the first of those: candidates' scores, BN-Taylor
+    # least-squares reconstruction (compress/reconstruct.py): after rebuilding, each conv is
+    # refitted on the first this many of those images so that its output matches the unpruned
+    # conv's on the channels it kept (ThiNet / He et al. 2017); 0 = off
+    reconstruct: int = 0
     # layer pruning (compress/layer_prune.py), before the channels: remove this many residual
     # units (a [shortcut] and the convs feeding only it); 0 = off. A budget counts what they remove
     layers: int = 0
@@ -343,6 +347,7 @@ class PruneConfig(_Section):
         _require(0 < self.score_step < 1, "score_step", "must be in (0, 1)", self.score_step)
         _require(self.recalibrate >= 0, "recalibrate", "must be >= 0", self.recalibrate)
         _require(self.search_images >= 1, "search_images", "must be >= 1", self.search_images)
+        _require(self.reconstruct >= 0, "reconstruct", "must be >= 0", self.reconstruct)
         _require(self.layers >= 0, "layers", "must be >= 0", self.layers)
         _require(self.search_rounds >= 1, "search_rounds", "must be >= 1", self.search_rounds)
         _require(self.allocation != "importance" or self.budget_method != "evolve",

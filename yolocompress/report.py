@@ -95,7 +95,8 @@ def _change(before: float, after: float) -> str:
 def prune_summary_rows(metrics: Mapping) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, change) rows: params, BFLOPs, the headline mAP (after: the
     saved model, BN-recalibrated where the run did; plus rows for the other compensation
-    setting and for the saved one not recalibrated), CPU latency per batch size."""
+    setting and for the saved one not recalibrated or, where the run reconstructed, not
+    reconstructed), CPU latency per batch size."""
     b, a = metrics["before"], metrics["after"]
     key = metrics["metric_key"]
     rows = [("params", f"{b['params']:,}", f"{a['params']:,}", _change(b["params"], a["params"])),
@@ -116,6 +117,10 @@ def prune_summary_rows(metrics: Mapping) -> list[tuple[str, str, str, str]]:
         if recal.get("images"):
             rows.append((f"{key} (compensation {on}, BN not recalibrated)", "",
                          f"{recal['off'][key]:.4f}", f"{recal['off'][key] - b[key]:+.4f}"))
+        rec = metrics.get("reconstruction") or {}
+        if rec.get("images"):
+            rows.append((f"{key} (compensation {on}, not reconstructed)", "",
+                         f"{rec['off'][key]:.4f}", f"{rec['off'][key] - b[key]:+.4f}"))
     for lat in metrics.get("latency", []):
         tb, ta = lat["before"]["ms_median"], lat["after"]["ms_median"]
         rows.append((f"CPU latency b{lat['batch']} (ms, median)", f"{tb:.2f}", f"{ta:.2f}",
@@ -142,6 +147,9 @@ def prune_report_markdown(metrics: Mapping, plots: Mapping[str, str] | None = No
              f"{s['min_channels']}), kept counts rounded to a multiple of {s['round_to']}, "
              f"compensation {'on' if s['compensate'] else 'off'}. Masks chosen in "
              f"{t['masks']:.2f} s, model rebuilt in {t['prune']:.2f} s."]
+    if s.get("reconstruct"):
+        lines[-1] += (f" Convs refitted to the unpruned model's outputs on {s['reconstruct']} "
+                      f"training images in {t['reconstruct']:.1f} s.")
     budget = metrics.get("budget")
     if budget:
         lines += ["", f"Budget mode: remove {budget['target']:.1%} of the {budget['metric']} "

@@ -6,13 +6,16 @@
     score = cal.score(blocks, state, compensate, "loss")   # keep -> loss (or -mAP), recalibrated
     losses = cal.unit_losses(blocks, state, units)         # per residual unit removed alone
     pruned = cal.prune_to_budget(model, config, ratio)     # the prune section's budget search
+    records = cal.reconstruct(model, pruned, keep)         # convs refitted to the model's outputs
 
 `cal.full` holds `prune.recalibrate` training images (what every pruned model is recalibrated on),
 `cal.search` its first `prune.search_images` (what candidates are recalibrated and scored on and
-BN-Taylor's gradients come from): one deterministic subset, read once.
+BN-Taylor's gradients come from), `cal.rebuild` its first `prune.reconstruct` (what the convs
+are refitted on; None when off): one deterministic subset, read once.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -29,6 +32,7 @@ from .groups import GROUPINGS, group_layers
 from .importance import NEEDS_GRADIENTS, Importance, get_importance
 from .layer_prune import ResidualUnit, remove_units
 from .prune import find_percents_for_budget, prune
+from .reconstruct import reconstruct
 from .recalibrate import Calibration, calib_loss, gamma_gradients, recalibrate_bn
 
 __all__ = ["ALLOCATIONS", "Calibrated", "budget_options", "build_pruned", "latency_table"]
@@ -51,20 +55,31 @@ class Calibrated:
     full: Calibration | None          # None: recalibration off (prune.recalibrate = 0)
     search: Calibration
     evaluator: ModelEvaluator | None = None   # allocation "map": scores on search.records
+    rebuild: Calibration | None = None        # None: reconstruction off (prune.reconstruct = 0)
 
     @classmethod
     def from_config(cls, config: Config, train: Sequence[Record], letterbox: bool,
                     names: Sequence[str]) -> Calibrated:
         pc, size = config.prune, config.model.img_size
-        n = max(pc.recalibrate, pc.search_images)
+        n = max(pc.recalibrate, pc.search_images, pc.reconstruct)
         cal = Calibration.from_records(train, n, size, letterbox, config.eval.batch_size)
         return cls(cal.head(pc.recalibrate) if pc.recalibrate else None,
                    cal.head(pc.search_images),
                    dataclasses.replace(ModelEvaluator.from_config(config, names, letterbox),
-                                       workers=0))
+                                       workers=0),
+                   cal.head(pc.reconstruct) if pc.reconstruct else None)
 
     def recalibrate(self, model: Darknet) -> Darknet:
         return recalibrate_bn(model, self.full) if self.full is not None else model
+
+    def reconstruct(self, reference: Darknet, pruned: Darknet, keep) -> list[dict]:
+        """`pruned`'s convs refitted in place to `reference` (the model it was pruned from, left
+        as it is; its outputs with BN recalibrated on `full`, when on) on `rebuild`; the per-conv
+        records, [] when off."""
+        if self.rebuild is None:
+            return []
+        ref = self.recalibrate(copy.deepcopy(reference))
+        return reconstruct(ref, pruned, keep, self.rebuild)
 
     def importance(self, model: Darknet, name: str, seed: int = 0) -> Importance:
         gradients = None
@@ -104,7 +119,7 @@ class Calibrated:
     def prune_to_budget(self, model: Darknet, config: Config, ratio: float,
                         metric: str = "flops") -> Darknet:
         """The model pruned to `ratio` of `metric` by the prune section's budget search from
-        zero percents (not recalibrated)."""
+        zero percents, reconstructed when `prune.reconstruct` is on (not recalibrated)."""
         pc = config.prune
         blocks, state = model.blocks, model.state_dict()
         groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
@@ -112,7 +127,14 @@ class Calibrated:
             blocks, state, groups, [0.0] * len(groups), (metric, ratio),
             **budget_options(config, self, blocks, state,
                              self.importance(model, pc.importance, config.train.seed)))
-        return build_pruned(blocks, state, res.keep, pc.compensate)
+        pruned = build_pruned(blocks, state, res.keep, pc.compensate)
+        if pc.reconstruct:
+            if self.rebuild is None:
+                raise YoloCompressError("prune.reconstruct is on but the calibration subset was "
+                                        "read without it (Calibrated.from_config of a config "
+                                        "with prune.reconstruct > 0)")
+            self.reconstruct(model, pruned, res.keep)
+        return pruned
 
 
 def latency_table(config: Config, blocks):

@@ -4,8 +4,9 @@ run_prune: the artifact's model -> `prune.layers` residual units removed (compre
 channels are then pruned on the reduced cfg, so the channel graph, groups and budget search run
 unchanged on an ordinary cfg) -> group_layers -> percents (the config's `prune` section, or
 find_percents_for_budget, scored on calibration data with `allocation: loss`) -> plan -> prune
-(timed on their own) -> the slim Darknet (strict load) -> its BN statistics recalibrated on
-`prune.recalibrate` training images (compress.prune_search); then mAP on the val split before
+(timed on their own) -> the slim Darknet (strict load) -> with `prune.reconstruct`, its convs
+refitted to the unpruned model's outputs (compress.reconstruct) -> its BN statistics recalibrated
+on `prune.recalibrate` training images (compress.prune_search); then mAP on the val split before
 and after (compensation on and off, both recalibrated; and not recalibrated), CPU latency,
 and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thresholds.png.
 The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
@@ -16,10 +17,12 @@ Skipping follows inputs.py's rule (the source's sha256 and the model/data/train/
 sections), like every stage.
 
 metrics.json: {stage, inputs, artifact, source, source_stage, img_size, metric_key, settings,
-seconds {masks, prune, recalibrate}, budget (None or {metric, target, reduction, method,
+seconds {masks, prune, reconstruct, recalibrate}, budget (None or {metric, target, reduction, method,
 evaluations, channel_target}), units [{shortcut, input, convs, stride, part, score}] (source layer names),
 before/after {params, flops, layers, <eval metrics>}, compensation {on, off: <eval metrics>},
-recalibration {images, off: <eval metrics of the saved setting, not recalibrated>}, latency
+recalibration {images, off: <eval metrics of the saved setting, not recalibrated>},
+reconstruction {images, convs [{layer, features, rows, error_before, error_after, refitted}],
+off: <eval metrics of the saved setting not reconstructed, recalibrated>}, latency
 [{batch, before, after: eval.speed stats}], groups [{name, title, layers, percent, threshold,
 channels_*, params_*, flops_*}], layers [{name, group, filters_*, params_*, flops_*}] (the groups'
 convs and every other conv whose params or FLOPs changed)}.
@@ -221,7 +224,7 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     model = build_model(art, source=str(src))
     pc, size = config.prune, config.model.img_size
     cal = None
-    if pc.recalibrate or (pc.budget_target and ALLOCATIONS[pc.allocation]) \
+    if pc.recalibrate or pc.reconstruct or (pc.budget_target and ALLOCATIONS[pc.allocation]) \
             or pc.importance in NEEDS_GRADIENTS or (pc.layers and pc.layer_importance == "loss"):
         cal = Calibrated.from_config(config, load_split(desc, "train", strict=config.data.strict),
                                      uses_letterbox(config, model), names)
@@ -235,7 +238,8 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     groups, record, settings = plan_from_config(config, blocks, state, cal, base,
                                                 source=model.blocks if units else None)
     record["units"] = units
-    record["settings"].update(layers=pc.layers, layer_importance=pc.layer_importance)
+    record["settings"].update(layers=pc.layers, layer_importance=pc.layer_importance,
+                              reconstruct=pc.reconstruct)
     keep = keep_from_record(blocks, record)
     t1 = time.perf_counter()
     pruned = build_pruned(blocks, state, keep, pc.compensate)
@@ -244,13 +248,19 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
     slimmed = sum(len(k) < blocks[c + 1].get_int("filters") for c, k in keep.items())
     print(f"pruned {slimmed} of {len(keep)} prunable convs in {t2 - t0:.2f} s (masks "
           f"{t1 - t0:.2f} s, rebuild {t2 - t1:.2f} s)")
-    # for the report only: the saved setting before recalibration, and the other compensation
+    # for the report only: the saved setting not reconstructed, before recalibration, and the
+    # other compensation (reconstructed alike)
+    plain = copy.deepcopy(pruned) if pc.reconstruct else None
+    refits = _reconstruct(cal, base, pruned, keep)
+    t3 = time.perf_counter()
     stale = copy.deepcopy(pruned)
     other = build_pruned(blocks, state, keep, not pc.compensate)
+    _reconstruct(cal, base, other, keep, quiet=True)
     if cal is not None and cal.full is not None:
-        cal.recalibrate(pruned)
-        cal.recalibrate(other)
-    t3 = time.perf_counter()
+        for m in (pruned, other, plain):
+            if m is not None:
+                cal.recalibrate(m)
+    t4 = time.perf_counter()
 
     latency = [{"batch": b, **{when: measure_latency(m, size, b, warmup=max(1, latency_iters // 5),
                                                      iters=latency_iters, threads=latency_threads,
@@ -280,10 +290,13 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
         "stage": "pruned", "inputs": inputs, "artifact": str(out), "source": str(src),
         "source_stage": art["stage"], "img_size": size, "metric_key": METRIC_KEYS[config.eval.metric],
         "settings": record["settings"], "seconds": {"masks": t1 - t0, "prune": t2 - t1,
-                                                     "recalibrate": t3 - t2},
+                                                     "reconstruct": t3 - t2,
+                                                     "recalibrate": t4 - t3},
         "budget": record["budget"], "units": units, "before": {**cost_before, **evaluate(model)},
         "after": {**cost_after, **compensation[on]}, "compensation": compensation,
         "recalibration": recalibration,
+        "reconstruction": {"images": pc.reconstruct, "convs": refits,
+                           "off": evaluate(plain) if plain is not None else compensation[on]},
         "latency": latency, "groups": group_rows, "layers": layer_rows,
     }
 
@@ -297,6 +310,23 @@ def run_prune(config: Config, from_artifact: str | os.PathLike | None = None,
                   record, _LABELS[pc.importance])
     _print_summary(metrics, out)
     return out
+
+
+def _reconstruct(cal: Calibrated | None, base: Darknet, pruned: Darknet, keep,
+                 quiet: bool = False) -> list[dict]:
+    """`prune.reconstruct` on `pruned` (its convs refitted to `base`'s outputs), printed."""
+    if cal is None or cal.rebuild is None:
+        return []
+    t0 = time.perf_counter()
+    refits = cal.reconstruct(base, pruned, keep)
+    if not quiet and refits:
+        before = np.mean([r["error_before"] for r in refits])
+        after = np.mean([r["error_after"] for r in refits])
+        print(f"reconstructed {sum(r['refitted'] for r in refits)} of {len(refits)} convs on "
+              f"{cal.rebuild.images} images in {time.perf_counter() - t0:.1f} s (output error "
+              f"relative to the unpruned conv's variance, mean over convs: {before:.3f} -> "
+              f"{after:.3f})")
+    return refits
 
 
 def _latency_check(config: Config, blocks, new_blocks) -> dict:
