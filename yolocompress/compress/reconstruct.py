@@ -9,9 +9,9 @@ ridge regression over im2col rows, ROWS_PER_IMAGE evenly spaced output positions
 al. 2017 / ThiNet's feature-map reconstruction, sequential, graph-agnostic: no channel map is
 needed, only the kept output channels). The targets are pre-BN, so with BatchNorm the intercept
 goes into the running mean; without, into the bias. A fit is kept only where it lowers the
-layer's error on the rows (by MIN_GAIN of the target's variance). Both models run in eval mode: the reference's running statistics
-should be current (recalibrate it first); every BatchNorm of `pruned` takes the reference's
-statistics of its kept channels. `keep`: {layer index: kept output channels} (compress.prune's
+layer's error on the rows (by MIN_GAIN of the target's variance). Both models run in eval mode:
+the reference's running statistics should be current (recalibrate it first); every BatchNorm of
+`pruned` takes the reference's statistics of its kept channels. `keep`: {layer index: kept output channels} (compress.prune's
 keep; a conv not in it keeps all). Returns per conv {layer, features, rows, error_before,
 error_after, refitted} with errors relative to the target's variance.
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import YoloCompressError
 from ..models.darknet import Darknet
-from ..models.layers import ConvLayer
+from ..models.layers import ConvLayer, ReadsOutputs
 from .recalibrate import Calibration
 
 __all__ = ["ROWS_PER_IMAGE", "RIDGE", "reconstruct"]
@@ -34,29 +34,6 @@ __all__ = ["ROWS_PER_IMAGE", "RIDGE", "reconstruct"]
 ROWS_PER_IMAGE = 256      # output positions per image a conv's fit reads (evenly spaced)
 RIDGE = 1e-3              # ridge weight, relative to the mean diagonal of the input Gram matrix
 MIN_GAIN = 1e-6           # a fit must lower the relative error by this much (rounding aside)
-
-
-class _Stop(Exception):
-    """Raised from a hook once the layer's tensor is captured: the rest of the forward is moot."""
-
-
-def _capture(module: torch.nn.Module, model: Darknet, x: torch.Tensor, pre: bool) -> torch.Tensor:
-    """`module`'s input (pre) or output in model(x), the forward stopped right there."""
-    got = []
-
-    def grab(_m, args, out=None):
-        got.append(args[0] if pre else out)
-        raise _Stop
-
-    handle = (module.register_forward_pre_hook(grab) if pre
-              else module.register_forward_hook(grab))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0]
 
 
 def _positions(length: int) -> torch.Tensor:
@@ -85,19 +62,16 @@ def _error(w: torch.Tensor, gram, cross, yy: torch.Tensor) -> float:
     return float(yy - 2 * (w * cross).sum() + (w * (gram @ w)).sum())
 
 
-@torch.no_grad()
-def _fit_layer(reference: Darknet, pruned: Darknet, i: int, sel: torch.Tensor,
-               calib: Calibration) -> dict:
-    ref, new = reference.layers[i], pruned.layers[i]
-    conv = new.conv
+def _fit_layer(layer: ConvLayer, sel: torch.Tensor, inputs: Sequence[torch.Tensor],
+               targets: Sequence[torch.Tensor], index: int) -> dict:
+    """Refit `layer`'s conv in place on (its inputs, the reference conv's outputs on the kept
+    channels `sel`), batch by batch; the record of the fit."""
+    conv = layer.conv
     f, dev = conv.weight[0].numel(), conv.weight.device
     kw = dict(dtype=torch.float64, device=dev)
     gram, cross = torch.zeros(f + 1, f + 1, **kw), torch.zeros(f + 1, len(sel), **kw)
     yy, ysum, rows = torch.zeros((), **kw), torch.zeros(len(sel), **kw), 0
-    for images, _ in calib.batches:
-        x = images.to(dev).float().div_(255)
-        target = _capture(ref.conv, reference, x, pre=False)[:, sel]
-        inp = _capture(conv, pruned, x, pre=True)
+    for inp, target in zip(inputs, targets):
         a, y = _rows(conv, inp, target)
         gram += a.T @ a
         cross += a.T @ y
@@ -115,13 +89,39 @@ def _fit_layer(reference: Darknet, pruned: Darknet, i: int, sel: torch.Tensor,
     refit = after < before - MIN_GAIN
     if refit:
         conv.weight.copy_(w[:f].T.reshape_as(conv.weight).to(conv.weight.dtype))
-        if new.bn_enabled:
+        if layer.bn_enabled:
             # y = W'x + b fits the target, the BN reads W'x: its mean moves by -b
-            new.bn.running_mean.sub_(w[f].to(new.bn.running_mean.dtype))
+            layer.bn.running_mean.sub_(w[f].to(layer.bn.running_mean.dtype))
         else:
             conv.bias.copy_(w[f].to(conv.bias.dtype))
-    return {"layer": i, "features": f, "rows": rows, "error_before": before,
+    return {"layer": index, "features": f, "rows": rows, "error_before": before,
             "error_after": after if refit else before, "refitted": refit}
+
+
+class _Streams:
+    """One model run layer by layer over a list of batches: per batch the previous layer's
+    output and the saved outputs still to be read (freed after their last reader)."""
+
+    def __init__(self, model: Darknet, xs: Sequence[torch.Tensor]):
+        self.model, self.prev = model, list(xs)
+        n = len(model.layers)
+        self.saved = [[None] * n for _ in xs]
+        last: dict[int, int] = {}             # saved output -> the last layer reading it
+        for i, (layer, srcs) in enumerate(zip(model.layers, model.sources)):
+            if isinstance(layer, ReadsOutputs):
+                for j in srcs:
+                    last[j] = max(last.get(j, -1), i)
+        self.last = last
+        self.free = {i: [j for j, k in last.items() if k == i] for i in range(n)}
+
+    def step(self, i: int) -> None:
+        for b, (prev, saved) in enumerate(zip(self.prev, self.saved)):
+            y = self.model.run_layer(i, prev, saved)
+            if i in self.last:
+                saved[i] = y
+            for j in self.free[i]:
+                saved[j] = None
+            self.prev[b] = y
 
 
 def _kept(keep: Mapping[int, Sequence[int]], i: int, channels: int) -> torch.Tensor:
@@ -131,30 +131,42 @@ def _kept(keep: Mapping[int, Sequence[int]], i: int, channels: int) -> torch.Ten
 @torch.no_grad()
 def reconstruct(reference: Darknet, pruned: Darknet, keep: Mapping[int, Sequence[int]],
                 calib: Calibration, progress: bool = True) -> list[dict]:
-    """Refit `pruned`'s convs in place to the reference's outputs (module docstring)."""
+    """Refit `pruned`'s convs in place to the reference's outputs (module docstring). Both
+    models run layer by layer over all of `calib` at once (one forward each): memory holds the
+    batches' activations that later layers still read."""
     if len(reference.layers) != len(pruned.layers):
         raise YoloCompressError(f"reconstruct: the pruned model has {len(pruned.layers)} layers, "
                                 f"its reference {len(reference.layers)}")
     was = reference.training, pruned.training
     reference.eval()
     pruned.eval()
-    convs = [i for i, m in enumerate(pruned.layers) if isinstance(m, ConvLayer)]
+    sels = {}
+    for i, (ref, new) in enumerate(zip(reference.layers, pruned.layers)):
+        if isinstance(new, ConvLayer):
+            sels[i] = _kept(keep, i, ref.conv.out_channels)
+            if len(sels[i]) != new.conv.out_channels:
+                raise YoloCompressError(f"reconstruct: layer {i} keeps {len(sels[i])} channels "
+                                        f"but the pruned conv has {new.conv.out_channels}")
     records = []
     try:
-        for i in convs:                      # the reference's BN statistics, kept channels
+        for i, sel in sels.items():          # the reference's BN statistics, kept channels
             ref, new = reference.layers[i], pruned.layers[i]
-            sel = _kept(keep, i, ref.conv.out_channels)
-            if len(sel) != new.conv.out_channels:
-                raise YoloCompressError(f"reconstruct: layer {i} keeps {len(sel)} channels but "
-                                        f"the pruned conv has {new.conv.out_channels}")
             if new.bn_enabled:
                 new.bn.running_mean.copy_(ref.bn.running_mean[sel])
                 new.bn.running_var.copy_(ref.bn.running_var[sel])
-        for i in tqdm(convs, desc="reconstruct", unit="conv", disable=not progress, leave=False):
-            if pruned.layers[i].conv.groups != 1:
-                continue                     # grouped / depthwise: not a single regression
-            sel = _kept(keep, i, reference.layers[i].conv.out_channels)
-            records.append(_fit_layer(reference, pruned, i, sel, calib))
+        dev = next(pruned.parameters()).device
+        xs = [images.to(dev).float().div_(255) for images, _ in calib.batches]
+        ref_run, new_run = _Streams(reference, xs), _Streams(pruned, xs)
+        for i in tqdm(range(len(pruned.layers)), desc="reconstruct", unit="layer",
+                      disable=not progress, leave=False):
+            layer = pruned.layers[i]
+            # grouped / depthwise convs are not one regression: left as they are
+            if i in sels and layer.conv.groups == 1:
+                conv = reference.layers[i].conv
+                targets = [conv(x)[:, sels[i]] for x in ref_run.prev]
+                records.append(_fit_layer(layer, sels[i], new_run.prev, targets, i))
+            ref_run.step(i)
+            new_run.step(i)
     finally:
         reference.train(was[0])
         pruned.train(was[1])

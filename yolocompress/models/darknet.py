@@ -115,6 +115,16 @@ class Darknet(nn.Module):
                                     f"'{self.infos[0].name}', '{self.infos[-1].name}')")
         return self._by_name[name]
 
+    @property
+    def sources(self) -> tuple[tuple[int, ...], ...]:
+        """Per layer, the absolute indices of the outputs it reads (-1: the image)."""
+        return tuple(tuple(s) for s in self._sources)
+
+    def run_layer(self, i: int, prev: torch.Tensor, outputs: Sequence) -> torch.Tensor:
+        """Layer i's output from the previous layer's and the saved outputs (forward's step)."""
+        layer = self.layers[i]
+        return layer(outputs) if isinstance(layer, ReadsOutputs) else layer(prev)
+
     def forward(self, x: torch.Tensor, features: Sequence[str] = ()):
         want = {self.layer_index(n): n for n in features}
         keep = self._keep | set(want)
@@ -123,10 +133,7 @@ class Darknet(nn.Module):
         heads = []
         prev = x
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, ReadsOutputs):
-                y = layer(outputs)
-            else:
-                y = layer(prev)
+            y = self.run_layer(i, prev, outputs)
             if i in keep:
                 outputs[i] = y
             if i in want:
