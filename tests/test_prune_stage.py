@@ -414,3 +414,20 @@ def test_reconstruction_refits_the_convs_and_reports_what_it_bought(mini, tmp_pa
 def test_reconstruction_errors(mini, capsys):
     assert _prune(mini, "--from", str(mini / "sparse.pt"), "prune.reconstruct=-1") == 2
     assert "prune.reconstruct: must be >= 0" in capsys.readouterr().err
+
+
+def test_right_after_bench_scores_the_same_pruned_model_reconstructed(mini, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bench_prune_right_after", ROOT / "bench" / "bench_prune_right_after.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--config", str(mini / "exp.yaml"), "--sparse", str(mini / "sparse.pt"),
+                       "--budgets", "0.5", "--arms", "ours:search_rounds=2", "tp",
+                       "--reconstruct", "4", "--json", str(out), "prune.budget_target=flops"]) == 0
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"ours:search_rounds=2", "ours:search_rounds=2+reconstruct=4", "tp"}
+    plain, rc = rows["ours:search_rounds=2"], rows["ours:search_rounds=2+reconstruct=4"]
+    assert rc["flops_reduction"] == plain["flops_reduction"] and rc["reconstruct_seconds"] > 0
+    assert 0 <= rc["map50_voc07_recalibrated"] <= 1

@@ -5,7 +5,7 @@
     importance = cal.importance(model, name, seed)     # BN-Taylor takes its gradients here
     score = cal.score(blocks, state, compensate, "loss")   # keep -> loss (or -mAP), recalibrated
     losses = cal.unit_losses(blocks, state, units)         # per residual unit removed alone
-    pruned = cal.prune_to_budget(model, config, ratio)     # the prune section's budget search
+    pruned, keep = cal.prune_to_budget(model, config, ratio)   # the prune section's budget search
     records = cal.reconstruct(model, pruned, keep)         # convs refitted to the model's outputs
 
 `cal.full` holds `prune.recalibrate` training images (what every pruned model is recalibrated on),
@@ -117,9 +117,10 @@ class Calibrated:
         return out
 
     def prune_to_budget(self, model: Darknet, config: Config, ratio: float,
-                        metric: str = "flops") -> Darknet:
-        """The model pruned to `ratio` of `metric` by the prune section's budget search from
-        zero percents, reconstructed when `prune.reconstruct` is on (not recalibrated)."""
+                        metric: str = "flops") -> tuple[Darknet, dict]:
+        """(the model pruned to `ratio` of `metric` by the prune section's budget search from
+        zero percents, reconstructed when `prune.reconstruct` is on (not recalibrated), the
+        kept channels per conv)."""
         pc = config.prune
         blocks, state = model.blocks, model.state_dict()
         groups = group_layers(blocks, rules=GROUPINGS[pc.grouping])
@@ -134,7 +135,7 @@ class Calibrated:
                                         "read without it (Calibrated.from_config of a config "
                                         "with prune.reconstruct > 0)")
             self.reconstruct(model, pruned, res.keep)
-        return pruned
+        return pruned, res.keep
 
 
 def latency_table(config: Config, blocks):
