@@ -90,6 +90,7 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert ours_pruned["prune"]["budget"]["method"] == "evolve"     # the pipeline's default
     slim = load_artifact(bench / "flops50" / "global" / "pruned" / "best.pt")["prune"]
     assert slim["percents"].keys() == {"all"} and slim["settings"]["importance"] == "bn_gamma_abs"
+    assert slim["settings"]["reconstruct"] == 0
     # scratch: the pruned cfg from random init, for baseline + sparse + recovery epochs (1 each)
     scratch = load_artifact(rows["scratch"]["artifact"])
     assert scratch["stage"] == "scratch" and scratch["cfg"] == ours_pruned["cfg"]

@@ -328,8 +328,10 @@ class PruneConfig(_Section):
     search_images: int = 64               # the first of those: candidates' scores, BN-Taylor
     # least-squares reconstruction (compress/reconstruct.py): after rebuilding, each conv is
     # refitted on the first this many of those images so that its output matches the unpruned
-    # conv's on the channels it kept (ThiNet / He et al. 2017); 0 = off
-    reconstruct: int = 0
+    # conv's on the channels it kept (ThiNet / He et al. 2017); 0 = off. On the protocol's
+    # sparse model at -65 % FLOPs it adds 20 points right after pruning and 0.5-1 after the
+    # recovery (docs/BENCHMARKS.md)
+    reconstruct: int = 128
     # layer pruning (compress/layer_prune.py), before the channels: remove this many residual
     # units (a [shortcut] and the convs feeding only it); 0 = off. A budget counts what they remove
     layers: int = 0

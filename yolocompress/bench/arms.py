@@ -79,9 +79,11 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
         return out
     # ours: the experiment's prune section as it is (the pipeline's method) aimed at the budget;
     # global: network slimming, one threshold on raw |gamma| over every prunable conv, bisected
+    # (as published: no reconstruction, which is ours)
     settings = {"ours": {},
                 "global": {"grouping": "global", "importance": "bn_gamma_abs",
-                           "budget_method": "scale", "percents": (0.5,), "layers": 0}}
+                           "budget_method": "scale", "percents": (0.5,), "layers": 0,
+                           "reconstruct": 0}}
     if pruning not in settings:
         raise YoloCompressError(f"unknown pruning method '{pruning}' (ours, global, "
                                 f"torch_pruning)")

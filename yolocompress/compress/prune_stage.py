@@ -12,7 +12,8 @@ and beside the artifact: metrics.json, report.md, channels_kept.png, gamma_thres
 The artifact has stage `pruned`, the source's sha256 as parent, and `prune` = the plan record
 (removed units by source layer name, kept channels per layer name of the reduced cfg, groups,
 percents, thresholds, settings incl. compensate, budget), which `prune.replay` re-applies to the
-source model. A budget is a share of the source model's cost: what the units remove counts.
+source model (the cfg and the sliced tensors; the refitted convs and the recalibrated statistics
+need the calibration images again). A budget is a share of the source model's cost: what the units remove counts.
 Skipping follows inputs.py's rule (the source's sha256 and the model/data/train/eval/prune
 sections), like every stage.
 
