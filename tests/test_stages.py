@@ -138,6 +138,13 @@ def test_describe_changes_by_hand():
     assert describe_changes(old, later) == []
     later["config"]["distill"]["decay"] = "linear"
     assert describe_changes(old, later) == ["distill.decay '<unset>' -> 'linear'"]
+    # ... unless its default changed what the stage does: prune.reconstruct came with 128, and
+    # a record without it was made with no reconstruction
+    pruned = {"parent": "a" * 64, "config": {"prune": {"recalibrate": 400}}}
+    now = {"parent": "a" * 64, "config": {"prune": {"recalibrate": 400, "reconstruct": 128}}}
+    assert describe_changes(pruned, now) == ["prune.reconstruct '<unset>' -> 128"]
+    now["config"]["prune"]["reconstruct"] = 0
+    assert describe_changes(pruned, now) == []
 
 
 def test_stage_inputs_ignore_where_not_what(mini):

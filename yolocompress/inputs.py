@@ -96,10 +96,16 @@ def _flat(d: Any, prefix: str = "") -> dict:
     return out
 
 
+# settings added with a default that changes what a stage does: what a record made before the
+# key existed was made with (a missing key otherwise means the default)
+_BEFORE_KEY = {"prune.reconstruct": 0}
+
+
 def _defaults() -> dict:
-    """{"section.key": default} of every setting (the config dataclasses' defaults)."""
+    """{"section.key": the value a record without that key was made with}: the config
+    dataclasses' defaults, but _BEFORE_KEY's."""
     from .config import Config
-    return _flat(Config().to_dict())
+    return {**_flat(Config().to_dict()), **_BEFORE_KEY}
 
 
 def _short(sha: Any) -> str:

@@ -74,8 +74,9 @@ def prune_arm(config: Config, root: Path, pruning: str, sparse: Path, budget: fl
     <root>/<pruning>/pruned/best.pt (reused when complete with the same inputs)."""
     out = root / pruning / "pruned" / "best.pt"
     cfg = arm_config(config, root, pruning)
-    if pruning == "torch_pruning":
-        _tp_prune_artifact(cfg, sparse, budget, out)
+    if pruning == "torch_pruning":        # as shipped: no reconstruction, which is ours
+        _tp_prune_artifact(dataclasses.replace(cfg, prune=dataclasses.replace(
+            cfg.prune, reconstruct=0)), sparse, budget, out)
         return out
     # ours: the experiment's prune section as it is (the pipeline's method) aimed at the budget;
     # global: network slimming, one threshold on raw |gamma| over every prunable conv, bisected
