@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..errors import YoloCompressError
 from ..models.darknet import Darknet
 from ..models.layers import ConvLayer, ReadsOutputs
-from .recalibrate import Calibration
+from .recalibrate import Calibration, _inputs
 
 __all__ = ["ROWS_PER_IMAGE", "RIDGE", "reconstruct"]
 
@@ -155,7 +155,7 @@ def reconstruct(reference: Darknet, pruned: Darknet, keep: Mapping[int, Sequence
                 new.bn.running_mean.copy_(ref.bn.running_mean[sel])
                 new.bn.running_var.copy_(ref.bn.running_var[sel])
         dev = next(pruned.parameters()).device
-        xs = [images.to(dev).float().div_(255) for images, _ in calib.batches]
+        xs = [_inputs(images, dev) for images, _ in calib.batches]
         ref_run, new_run = _Streams(reference, xs), _Streams(pruned, xs)
         for i in tqdm(range(len(pruned.layers)), desc="reconstruct", unit="layer",
                       disable=not progress, leave=False):
