@@ -6,8 +6,8 @@ import pytest
 
 from yolocompress.artifacts import file_sha256, load_artifact, save_artifact
 from yolocompress.bench.suites import (ABLATION_HEADING, COMPRESS_HEADING, PUBLISHED,
-                                       compress_plan, mean_sd, paired, paired_rows, paired_table,
-                                       run_ablation)
+                                       compress_plan, mean_sd, merge_published, paired,
+                                       paired_rows, paired_table, run_ablation)
 from yolocompress.bench.arms import ARMS, run_arm
 from yolocompress.compress.scratch_stage import trained_epochs
 from yolocompress.models.cfg import parse_cfg
@@ -54,6 +54,27 @@ def test_paired_rows_pair_by_seed_against_torch_pruning():
     assert "+2.5 ± 0.7" in paired_table(paired_rows(rows))
 
 
+def test_merge_published_joins_one_benchmark_only():
+    head = {"experiment": "e", "recovery_epochs": 6, "command": "c2",
+            "baseline": {"sha256": "b"}, "sparse": {"sha256": "s"}}
+    old = {**head, "command": "c1", "rows": [_row(0.65, "ours", 0, 0.70),
+                                             _row(0.65, "torch_pruning", 0, 0.68),
+                                             _row(0.5, "ours", 0, 0.10)]}
+    new = {**head, "rows": [_row(0.5, "torch_pruning", 0, 0.75), _row(0.5, "ours", 0, 0.78)]}
+    out = merge_published(old, new, "old.json")
+    assert [(r["budget"], r["method"], r["map50_voc07"]) for r in out["rows"]] == [
+        (0.5, "ours", 0.78), (0.5, "torch_pruning", 0.75), (0.65, "ours", 0.70),
+        (0.65, "torch_pruning", 0.68)]
+    assert [(d["budget"], round(d["mean"], 6)) for d in out["paired"]] == [(0.5, 0.03), (0.65, 0.02)]
+    assert out["commands"] == ["c1", "c2"] and merge_published(out, new, "x")["commands"] == [
+        "c1", "c2"]
+    for key, value in (("experiment", "f"), ("recovery_epochs", 4)):
+        with pytest.raises(YoloCompressError, match=f"old.json: its {key} is"):
+            merge_published({**old, key: value}, new, "old.json")
+    with pytest.raises(YoloCompressError, match="its baseline model is x, this run's b"):
+        merge_published({**old, "baseline": {"sha256": "x"}}, new, "old.json")
+
+
 def test_compress_plan_runs_every_seed_then_scratch(mini):
     config = load_config(mini / "exp.yaml", ["bench.budgets=[0.35,0.5]", "bench.seeds=[0,1]",
                                              "bench.scratch_seeds=[3]",
@@ -64,7 +85,7 @@ def test_compress_plan_runs_every_seed_then_scratch(mini):
         (0.35, "scratch", 3), (0.5, "scratch", 3)]
 
 
-def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp_path):
+def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp_path, capsys):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\n## Other\n\nkept\n")
     published = tmp_path / "bench" / "compress.json"
@@ -114,6 +135,28 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert main(args) == 0
     again = {r["method"]: r for r in json.loads((bench / "compress.json").read_text())["rows"]}
     assert {method: r["sha256"] for method, r in again.items()} == shas
+
+    # --merge: the rows already in --json that this run does not make are kept (a row of another
+    # budget from an earlier session), its own rows replace theirs, the pairs are re-done
+    kept = {**out["rows"][0], "budget": 0.65, "map50_voc07": 0.123}
+    stale = {**out["rows"][0], "map50_voc07": 0.999}
+    published.write_text(json.dumps({**out, "rows": [kept, stale]}))
+    assert main([*args, "--merge"]) == 0
+    merged = json.loads(published.read_text())
+    assert len(merged["rows"]) == 6 and kept in merged["rows"] and stale not in merged["rows"]
+    assert merged["rows"][-1] == kept                          # sorted by budget, then method
+    assert [r["budget"] for r in merged["rows"]] == [0.5] * 5 + [0.65]
+    assert merged["commands"][-1] == merged["command"]
+    assert {(d["budget"], d["method"]) for d in merged["paired"]} == {
+        (0.5, m) for m in ("ours", "ours_finetune", "global", "scratch")}
+    assert "rows joined from" in md.read_text()
+    # ... and only from the same sparse model: refused before any arm runs, the file untouched
+    other = {**merged, "sparse": {**merged["sparse"], "sha256": "f" * 64}}
+    published.write_text(json.dumps(other))
+    before = published.read_text()
+    assert main([*args, "--merge"]) == 2
+    assert "its sparse model is ffffffffffff" in capsys.readouterr().err
+    assert published.read_text() == before
 
 
 def test_iterative_arm_prunes_in_steps_within_the_same_epochs(mini):

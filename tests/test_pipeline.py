@@ -1,5 +1,7 @@
 """`yolocompress pipeline` end to end on a miniature demo set: stages chained through artifacts,
 the report, skipping complete stages, and a SIGKILL mid-stage followed by a clean resume."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -13,7 +15,7 @@ import pytest
 from yolocompress.artifacts import file_sha256, load_artifact
 from yolocompress.cli import main
 from yolocompress.config import load_config
-from yolocompress.pipeline import (PIPELINE, REPORT_KEYS, adopt_baseline, format_table,
+from yolocompress.pipeline import (PIPELINE, REPORT_KEYS, adopt_stage, format_table,
                                    run_pipeline, run_to_sparse, stage_complete)
 
 from conftest import CHAIN_TRAIN, ROOT, make_mini
@@ -26,11 +28,18 @@ def mini(tmp_path_factory):
     return make_mini(tmp_path_factory.mktemp("mini"), train=CHAIN_TRAIN)
 
 
-def test_pipeline_chains_stages_and_reports(mini, capsys):
-    assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "2",
-                 *FAST]) == 0
-    out = capsys.readouterr().out
-    run = mini / "runs" / "exp"
+@pytest.fixture(scope="module")
+def chained(mini):
+    """`yolocompress pipeline` on the mini experiment: (its run folder, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "2",
+                     *FAST]) == 0
+    return mini / "runs" / "exp", printed.getvalue()
+
+
+def test_pipeline_chains_stages_and_reports(mini, chained, capsys):
+    run, out = chained
     report = json.loads((run / "report.json").read_text())
     rows = report["stages"]
     assert [r["stage"] for r in rows] == list(PIPELINE)
@@ -64,11 +73,9 @@ def test_pipeline_chains_stages_and_reports(mini, capsys):
     assert [r["sha256"] for r in again] == shas and again[0]["latency_ms_b1"] is None
 
 
-def test_stage_budget_overrides_train_epochs(mini):
-    sparse = mini / "runs" / "exp" / "sparse" / "best.pt"
-    if sparse.is_file():     # written by the first test
-        best = load_artifact(sparse)
-        assert best["config"]["train"]["epochs"] == 1 and best["config"]["sparse"]["epochs"] == 1
+def test_stage_budget_overrides_train_epochs(mini, chained):
+    best = load_artifact(chained[0] / "sparse" / "best.pt")
+    assert best["config"]["train"]["epochs"] == 1 and best["config"]["sparse"]["epochs"] == 1
     cfg = load_config(mini / "exp.yaml", ["distill.epochs=3", "distill.lr=0.01",
                                           "distill.optimizer=sgd"])
     from yolocompress.train.run import with_stage_budget
@@ -79,10 +86,8 @@ def test_stage_budget_overrides_train_epochs(mini):
         load_config(mini / "exp.yaml", ["sparse.epochs=0"])
 
 
-def test_finetune_command_is_the_plain_control(mini):
-    pruned = mini / "runs" / "exp" / "pruned" / "best.pt"
-    if not pruned.is_file():
-        pytest.skip("needs the pruned artifact of the first test")
+def test_finetune_command_is_the_plain_control(mini, chained):
+    pruned = chained[0] / "pruned" / "best.pt"
     assert main(["finetune", "--config", str(mini / "exp.yaml"), "--student", str(pruned),
                  "distill.epochs=1"]) == 0
     art = load_artifact(mini / "runs" / "exp" / "finetuned" / "best.pt")
@@ -90,24 +95,22 @@ def test_finetune_command_is_the_plain_control(mini):
     assert art["prune"] == load_artifact(pruned)["prune"] and "distill" not in art
 
 
-def test_shipped_baseline_is_adopted_not_trained(mini, capsys):
-    shipped = mini / "runs" / "exp" / "baseline" / "best.pt"
-    if not shipped.is_file():
-        pytest.skip("needs the baseline artifact of the first test")
+def test_shipped_baseline_is_adopted_not_trained(mini, chained, capsys):
+    shipped = chained[0] / "baseline" / "best.pt"
     config = load_config(mini / "exp.yaml", ["name=adopt", f"pipeline.baseline={shipped}", *FAST])
-    assert adopt_baseline(config) is not None
+    assert adopt_stage(config, "baseline") is not None
     folder = mini / "runs" / "adopt" / "baseline"
     assert file_sha256(folder / "best.pt") == file_sha256(shipped)
     assert json.loads((folder / "metrics.json").read_text())["adopted_from"] == str(shipped)
     assert not (folder / "train_log.csv").exists() and "adopted" in capsys.readouterr().out
-    assert adopt_baseline(config) is None                      # complete: kept
+    assert adopt_stage(config, "baseline") is None                      # complete: kept
     # the sparse stage descends from the shipped file itself
     paths = run_to_sparse(config)
     assert load_artifact(paths["sparse"])["parent"] == file_sha256(shipped)
     bad = load_config(mini / "exp.yaml", ["name=adopt2", "pipeline.baseline="
-                                          + str(mini / "runs" / "exp" / "sparse" / "best.pt")])
+                                          + str(chained[0] / "sparse" / "best.pt")])
     with pytest.raises(Exception, match="must be a baseline artifact, this one is 'sparse'"):
-        adopt_baseline(bad)
+        adopt_stage(bad, "baseline")
 
 
 def _wait_for(path, proc, timeout=240.0):

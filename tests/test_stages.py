@@ -21,7 +21,7 @@ from yolocompress.fileio import atomic_open, remove_stale_temps
 from yolocompress.inputs import describe_changes, stage_inputs
 from yolocompress.models.cfg import read_cfg
 from yolocompress.models.darknet import Darknet
-from yolocompress.pipeline import PIPELINE, adopt_baseline
+from yolocompress.pipeline import PIPELINE, adopt_stage, run_steps
 from yolocompress.stages import STAGES, Stage, pipeline_stages, recovery_stages
 from yolocompress.train.run import run_stage
 
@@ -227,20 +227,57 @@ def test_train_with_another_lr_refuses_and_resume_removes_stale_temps(mini, caps
 
 def test_pipeline_baseline_pointing_at_another_file_refuses(mini, capsys):
     cfg = load_config(mini / "exp.yaml", ["name=adopt", f"pipeline.baseline={mini / 'base1.pt'}"])
-    best = adopt_baseline(cfg)
+    best = adopt_stage(cfg, "baseline")
     assert file_sha256(best) == file_sha256(mini / "base1.pt")
-    assert adopt_baseline(cfg) is None                                  # same file: kept
+    assert adopt_stage(cfg, "baseline") is None                                  # same file: kept
     other = load_config(mini / "exp.yaml", ["name=adopt",
                                             f"pipeline.baseline={mini / 'base2.pt'}"])
     with pytest.raises(YoloCompressError, match="made from other inputs \\(source sha256 "
                        + file_sha256(mini / "base1.pt")[:12]):
-        adopt_baseline(other)
+        adopt_stage(other, "baseline")
     assert file_sha256(best) == file_sha256(mini / "base1.pt")
-    assert adopt_baseline(other, force=True) == best
+    assert adopt_stage(other, "baseline", force=True) == best
     assert file_sha256(best) == file_sha256(mini / "base2.pt")
     # the adopted stage is not silently taken for a trained one either
     with pytest.raises(YoloCompressError, match="it was adopted from a file, now it would be"):
         run_stage(load_config(mini / "exp.yaml", ["name=adopt"]), "baseline")
+
+
+def test_pipeline_sparse_adopts_a_sparse_model_of_this_baseline_only(mini, capsys):
+    base1 = file_sha256(mini / "base1.pt")
+    art = load_artifact(mini / "t.pt")
+    art.update(parent=base1, lineage=[{"stage": "baseline", "sha256": base1,
+                                       "path": str(mini / "base1.pt")}])
+    shipped = mini / "sparse1.pt"
+    save_artifact(art, shipped)
+    over = ["name=adopt_sparse", f"pipeline.baseline={mini / 'base1.pt'}",
+            f"pipeline.sparse={shipped}", "sparse.check=0"]
+    cfg = load_config(mini / "exp.yaml", over)
+    paths = run_steps(cfg, until="sparse")             # the pipeline's steps: adopted, not trained
+    folder = mini / "runs" / "adopt_sparse" / "sparse"
+    assert paths["sparse"] == folder / "best.pt" and file_sha256(paths["sparse"]) == \
+        file_sha256(shipped)
+    assert not (folder / "train_log.csv").exists() and "sparse: adopted" in capsys.readouterr().out
+    assert json.loads((folder / "metrics.json").read_text())["inputs"] == {
+        "source": file_sha256(shipped)}
+    assert adopt_stage(cfg, "sparse", parent=base1) is None             # complete: kept
+    # a sparse model of another baseline is refused, the adopted stage untouched
+    with pytest.raises(YoloCompressError, match="was trained from " + base1[:12]
+                       + ", not from this experiment's baseline"):
+        adopt_stage(cfg, "sparse", parent=file_sha256(mini / "base2.pt"))
+    other = load_config(mini / "exp.yaml", [*over[:1], f"pipeline.baseline={mini / 'base2.pt'}",
+                                            *over[2:]])
+    with pytest.raises(YoloCompressError, match="not from this experiment's baseline"):
+        run_steps(other, until="sparse", force=True)
+    assert file_sha256(folder / "best.pt") == file_sha256(shipped)
+    # only a sparse artifact is adopted as one
+    bad = load_config(mini / "exp.yaml", ["name=adopt_sparse2",
+                                          f"pipeline.sparse={mini / 'base2.pt'}"])
+    with pytest.raises(YoloCompressError, match="must be a sparse artifact, this one is 'baseline'"):
+        adopt_stage(bad, "sparse")
+    # `yolocompress sparse` does not take the adopted stage for a trained one
+    with pytest.raises(YoloCompressError, match="it was adopted from a file, now it would be"):
+        run_stage(cfg, "sparse")
 
 
 def test_prune_with_a_changed_prune_section_refuses(mini, capsys):

@@ -19,9 +19,15 @@ def mini(tmp_path_factory):
     return make_mini(tmp_path_factory.mktemp("mini"))
 
 
-def test_train_writes_artifacts_logs_and_skips_when_complete(mini, capsys):
+@pytest.fixture(scope="module")
+def trained(mini):
+    """`yolocompress train` on the mini experiment: its run folder (runs/exp/baseline)."""
     assert main(["train", "--config", str(mini / "exp.yaml")]) == 0
-    run = mini / "runs" / "exp" / "baseline"
+    return mini / "runs" / "exp" / "baseline"
+
+
+def test_train_writes_artifacts_logs_and_skips_when_complete(mini, trained, capsys):
+    run = trained
     for name in ("best.pt", "last.pt", "metrics.json", "train_log.csv", "training_curves.png"):
         assert (run / name).is_file(), name
     best = load_artifact(run / "best.pt")
@@ -58,10 +64,8 @@ def test_resume_continues_from_last(mini, capsys):
         run_stage(other, "baseline")
 
 
-def test_fine_tune_from_artifact_records_lineage(mini):
-    parent = mini / "runs" / "exp" / "baseline" / "best.pt"
-    if not parent.is_file():
-        pytest.skip("needs the artifact of the first test")
+def test_fine_tune_from_artifact_records_lineage(mini, trained):
+    parent = trained / "best.pt"
     cfg = load_config(mini / "exp.yaml", ["name=child", "train.epochs=1",
                                           f"model.weights={parent}"])
     best = load_artifact(run_stage(cfg, "baseline"))
@@ -70,10 +74,8 @@ def test_fine_tune_from_artifact_records_lineage(mini):
     assert best["lineage"][-1]["stage"] == "baseline"
 
 
-def test_eval_command_json(mini, tmp_path, capsys):
-    art = mini / "runs" / "exp" / "baseline" / "best.pt"
-    if not art.is_file():
-        pytest.skip("needs the artifact of the first test")
+def test_eval_command_json(mini, trained, tmp_path, capsys):
+    art = trained / "best.pt"
     out = tmp_path / "eval.json"
     assert main(["eval", str(art), "--data", str(mini / "demo.yaml"), "--json", str(out),
                  "--workers", "0", "--plots", str(tmp_path)]) == 0

@@ -221,7 +221,8 @@ def cmd_bench(args) -> None:
     if args.suite == "compress":
         rows = None if args.no_write else Path(args.json or BENCHMARKS_MD.parent / "bench" /
                                                 "compress.json")
-        run_compress(config, latency_iters=args.latency_iters, md_path=md, json_path=rows)
+        run_compress(config, latency_iters=args.latency_iters, md_path=md, json_path=rows,
+                     merge=args.merge)
     else:
         run_ablation(config, md_path=md)
 
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default docs/BENCHMARKS.md)")
         if suite == "compress":
             b.add_argument("--json", help="write the rows here (default docs/bench/compress.json)")
+            b.add_argument("--merge", action="store_true",
+                           help="keep the rows already in --json that this run does not make "
+                                "(same baseline and sparse model): a suite grown over sessions")
         b.add_argument("--no-write", action="store_true",
                        help="do not touch any BENCHMARKS.md (or, for compress, its JSON rows)")
         b.set_defaults(func=cmd_bench)

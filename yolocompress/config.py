@@ -450,6 +450,10 @@ class PipelineConfig(_Section):
     # runs/<name>/baseline/) instead of training one; null = train it. `yolocompress train`
     # always trains (--force over an adopted copy), which is how a shipped baseline is reproduced.
     baseline: Optional[str] = field(default=None, metadata=_PATH)
+    # likewise a sparse artifact trained from that baseline, adopted as the sparse stage (a
+    # benchmark's shared starting point, which CPU training cannot reproduce bit for bit); null =
+    # train it. `yolocompress sparse --force` trains it instead.
+    sparse: Optional[str] = field(default=None, metadata=_PATH)
     # run stage 4 after distillation: the distilled model's FP32 and INT8 ONNX in
     # runs/<name>/quantized/ (the `quantize` section), scored in ONNX Runtime in the report
     quantize: bool = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .artifacts import build_model, file_sha256, load_artifact, load_parent
@@ -33,8 +33,8 @@ from .stages import STAGES, get_stage, pipeline_stages, resolve, switched_on
 from .train.distributed import init_distributed
 from .train.run import run_dir, stage_dir, train_built
 
-__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_baseline", "artifact_complete", "baseline_step",
-           "run_pipeline", "run_steps", "run_to_sparse", "stage_complete", "score_artifact",
+__all__ = ["PIPELINE", "REPORT_KEYS", "adopt_stage", "adopted_or_trained", "artifact_complete",
+           "baseline_step", "run_pipeline", "run_steps", "run_to_sparse", "stage_complete", "score_artifact",
            "write_report", "format_table"]
 
 # the steps that always run (a switched step, e.g. quantized, runs when its config key is true)
@@ -48,44 +48,60 @@ def stage_complete(config: Config, stage: str) -> bool:
     return artifact_complete(stage_dir(config, stage) / "best.pt")
 
 
-_ADOPTABLE = ("baseline", "imported")
+# the stages `pipeline.<stage>` may adopt a file as, and the artifact stages each takes
+_ADOPTABLE = {"baseline": ("baseline", "imported"), "sparse": ("sparse",)}
 
 
-def adopt_baseline(config: Config, force: bool = False) -> Path | None:
-    """Copy `pipeline.baseline` (an artifact) in as the experiment's complete baseline stage,
-    unless that stage is complete with this very file (its sha256) already (`force`: copy
-    anyway; a complete stage from anything else is an error, inputs.py); returns the adopted
-    copy, or None if `pipeline.baseline` is not set or the stage was kept."""
-    if config.pipeline.baseline is None:
+def adopt_stage(config: Config, stage: str, force: bool = False,
+                parent: str | None = None) -> Path | None:
+    """Copy `pipeline.<stage>` (an artifact) in as the experiment's complete `stage`, unless that
+    stage is complete with this very file (its sha256) already (`force`: copy anyway; a complete
+    stage from anything else is an error, inputs.py); returns the adopted copy, or None if the key
+    is not set or the stage was kept. `parent`: the sha256 the file must descend from (a sparse
+    model's baseline), checked whether or not the stage is kept."""
+    key = f"pipeline.{stage}"
+    if getattr(config.pipeline, stage) is None:
         return None
-    src = config.require_file("pipeline.baseline")
-    folder = stage_dir(config, "baseline")
-    best = folder / "best.pt"
-    inputs = stage_inputs(config, "baseline", source=file_sha256(src))
-    if reuse_complete("baseline", best, inputs, force):
-        return None
+    src = config.require_file(key)
     art = load_artifact(src)
-    if art["stage"] not in _ADOPTABLE:
-        raise YoloCompressError(f"{src}: pipeline.baseline must be a baseline artifact, this one "
-                                f"is '{art['stage']}'")
+    if art["stage"] not in _ADOPTABLE[stage]:
+        raise YoloCompressError(f"{src}: {key} must be a {stage} artifact, this one is "
+                                f"'{art['stage']}'")
+    if parent is not None and art.get("parent") != parent:
+        raise YoloCompressError(f"{src}: {key} was trained from {str(art.get('parent'))[:12]}, "
+                                f"not from this experiment's baseline {parent[:12]}")
+    folder = stage_dir(config, stage)
+    best = folder / "best.pt"
+    inputs = stage_inputs(config, stage, source=file_sha256(src))
+    if reuse_complete(stage, best, inputs, force):
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     with open(src, "rb") as f, atomic_open(best, "wb") as out:
         shutil.copyfileobj(f, out)
     with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
-        json.dump({"stage": "baseline", "adopted_from": str(src), "sha256": file_sha256(best),
+        json.dump({"stage": stage, "adopted_from": str(src), "sha256": file_sha256(best),
                    "inputs": inputs, "best": art.get("metrics", {})}, f, indent=2)
-    print(f"baseline: adopted {src} (pipeline.baseline) as {best}; `yolocompress train --force` "
-          f"with this experiment trains it instead")
+    command = "train" if stage == "baseline" else stage
+    print(f"{stage}: adopted {src} ({key}) as {best}; `yolocompress {command} --force` with this "
+          f"experiment trains it instead")
     return best
+
+
+def adopted_or_trained(config: Config, stage: str, force: bool, train: Callable[[], Path],
+                       parent: str | None = None) -> Path:
+    """A pipeline step: `stage` adopted from `pipeline.<stage>` when set (adopt_stage), else
+    `train()`."""
+    if getattr(config.pipeline, stage) is None:
+        return train()
+    adopt_stage(config, stage, force, parent)
+    return stage_dir(config, stage) / "best.pt"
 
 
 def baseline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
     """The pipeline's baseline: adopted from `pipeline.baseline` when set, else trained."""
-    if config.pipeline.baseline is None:
-        return train_built(config, "baseline", force)
-    adopt_baseline(config, force)
-    return stage_dir(config, "baseline") / "best.pt"
+    return adopted_or_trained(config, "baseline", force,
+                              lambda: train_built(config, "baseline", force))
 
 
 def run_steps(config: Config, force: bool = False, latency_iters: int = 30,

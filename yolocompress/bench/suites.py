@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -19,14 +20,15 @@ import numpy as np
 from ..artifacts import load_artifact
 from ..benchmarks import BENCHMARKS_MD, machine, write_result
 from ..config import Config
+from ..errors import YoloCompressError
 from ..fileio import atomic_open
 from ..pipeline import run_to_sparse, score_artifact
 from ..plotting import new_figure, save_figure
 from ..train.run import load_data, run_dir
 from .arms import ARMS, arm_config, prune_arm, recovery_epochs, run_arm
 
-__all__ = ["mean_sd", "paired", "compress_plan", "run_compress", "run_ablation", "COMPRESS_HEADING",
-           "ABLATION_HEADING"]
+__all__ = ["mean_sd", "paired", "compress_plan", "run_compress", "merge_published",
+           "check_joinable", "run_ablation", "COMPRESS_HEADING", "ABLATION_HEADING"]
 
 COMPRESS_HEADING = "## Compression vs peers at equal FLOPs"
 ABLATION_HEADING = "## Ablation: what each part of the method buys"
@@ -162,12 +164,49 @@ def compress_plan(config: Config) -> list[tuple[float, str, int]]:
                    for arm in bc.arms if ARMS[arm].recovery == "scratch"]
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["budget"], list(ARMS).index(r["method"]) if r["method"] in ARMS else len(ARMS),
+            r["method"], r["seed"])
+
+
+def merge_published(old: dict, new: dict, source: str | os.PathLike) -> dict:
+    """`new` (published form) with the rows of `old` that it has no (budget, method, seed) of: one
+    benchmark grown over several runs, so `old` must come from the same experiment, baseline and
+    sparse model (sha256) and recovery epochs, else an error naming the difference. The paired
+    comparisons are the merged rows'; `commands` lists every command that made rows."""
+    check_joinable(old, new, source)
+    mine = {_row_key(r) for r in new["rows"]}
+    rows = sorted([r for r in old.get("rows", []) if _row_key(r) not in mine] + new["rows"],
+                  key=_row_key)
+    commands = [c for c in old.get("commands", [old.get("command")]) if c]
+    return {**new, "commands": list(dict.fromkeys([*commands, new["command"]])),
+            "paired": paired_rows(rows), "rows": rows}
+
+
+def check_joinable(old: dict, new: dict, source: str | os.PathLike) -> None:
+    """Raise unless `old`'s rows come from `new`'s experiment, baseline and sparse model and
+    recovery epochs (merge_published; checked before any arm runs, too)."""
+    for key in ("experiment", "recovery_epochs"):
+        if old.get(key) != new[key]:
+            raise YoloCompressError(f"{source}: its {key} is {old.get(key)!r}, this run's "
+                                    f"{new[key]!r}: --merge joins the rows of one benchmark only")
+    for key in ("baseline", "sparse"):
+        theirs = (old.get(key) or {}).get("sha256")
+        if theirs != new[key]["sha256"]:
+            raise YoloCompressError(
+                f"{source}: its {key} model is {str(theirs)[:12]}, this run's "
+                f"{new[key]['sha256'][:12]}: --merge joins the rows of one benchmark only "
+                f"(write another --json)")
+
+
 def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None = BENCHMARKS_MD,
-                 plot_path: Path | None = None, json_path: Path | None = None) -> dict:
+                 plot_path: Path | None = None, json_path: Path | None = None,
+                 merge: bool = False) -> dict:
     """Every arm at every budget and seed of `config.bench` (compress_plan); the result so far is
     saved after each row (runs/<name>/bench/compress.json), so a stopped run shows its progress
     and a re-run reuses every finished piece. Returns {"baseline", "sparse", "rows", "paired"};
-    `json_path` gets the published form (PUBLISHED keys of each row)."""
+    `json_path` gets the published form (PUBLISHED keys of each row); with `merge`, joined to the
+    rows already there (merge_published), and the table and plot show the joined rows."""
     paths = run_to_sparse(config)
     root = run_dir(config) / "bench"
     reference = _reference(config, paths, latency_iters)
@@ -175,37 +214,69 @@ def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None =
     result = {"experiment": config.name, "command": _command("compress", config),
               "recovery_epochs": recovery_epochs(config, n_train),
               "baseline": reference[0], "sparse": reference[1], "rows": [], "paired": []}
+    published = _published_so_far(json_path, merge)
+    if published is not None:
+        check_joinable(published, _published(result), json_path)
     for b, arm, seed in compress_plan(config):
         result["rows"].append(run_arm(config, root / f"flops{round(b * 100)}", ARMS[arm],
                                       paths["sparse"], b, seed, latency_iters))
         result["paired"] = paired_rows(result["rows"])
         _save_json(root / "compress.json", result)
-    rows = result["rows"]
+    out = _published(result)
+    if published is not None:
+        out = merge_published(published, out, json_path)
     if json_path is not None:
-        _save_json(Path(json_path), {
-            **{k: result[k] for k in ("experiment", "command", "recovery_epochs", "paired")},
-            "machine": machine("torch", "torch-pruning"),
-            **{k: {key: result[k][key] for key in ("map50_voc07", "map50_all", "flops", "params",
-                                                     "latency_ms_b1", "sha256")}
-               for k in ("baseline", "sparse")},
-            "rows": [{k: r[k] for k in PUBLISHED} for r in rows]})
+        _save_json(Path(json_path), out)
+    rows = out["rows"]
     plot_path = plot_compress(rows, reference, plot_path or root / "compress_map_vs_flops.png")
     if md_path is not None:         # the markdown's plot lives beside it (runs/ is not shipped)
         beside = Path(md_path).parent / f"{config.name}-compress_map_vs_flops.png"
         with open(plot_path, "rb") as src, atomic_open(beside, "wb") as dst:
             shutil.copyfileobj(src, dst)
         plot_path = beside
-    table = compress_table(rows, reference) + "\n\n" + paired_table(result["paired"])
+    table = compress_table(rows, reference) + "\n\n" + paired_table(out["paired"])
     print(table)
     if md_path is not None:
         notes = (f"`{config.name}` experiment; every arm prunes the same sparse model to the FLOPs "
                  f"budget, then recovers for {result['recovery_epochs']} epochs (scratch: the "
                  f"epochs column); mAP on the val split, mean ± sd over seeds; CPU latency median "
                  f"of batch-1 passes in torch, 1 thread")
+        if published is not None:
+            notes += f"; rows joined from {len(out['commands'])} runs of it ({json_path})"
         write_result(COMPRESS_HEADING, notes, machine("torch", "torch-pruning"),
                      f"{table}\n\n![mAP vs FLOPs]({_rel(plot_path, md_path)})", md_path,
                      command=result["command"])
     return result
+
+
+def _published(result: dict) -> dict:
+    """What `--json` gets of a run's result: PUBLISHED keys of each row, the reference models'
+    scores and sha256s, the machine."""
+    return {**{k: result[k] for k in ("experiment", "command", "recovery_epochs", "paired")},
+            "machine": machine("torch", "torch-pruning"),
+            **{k: {key: result[k][key] for key in ("map50_voc07", "map50_all", "flops", "params",
+                                                   "latency_ms_b1", "sha256")}
+               for k in ("baseline", "sparse")},
+            "rows": [{k: r[k] for k in PUBLISHED} for r in result["rows"]]}
+
+
+def _published_so_far(json_path: Path | None, merge: bool) -> dict | None:
+    """With `merge`, the published rows at `json_path` (read before any run: a broken file stops
+    the bench at once, not hours later); None without `merge` or where there is no file yet."""
+    if not merge:
+        return None
+    if json_path is None:
+        raise YoloCompressError("--merge needs the rows' file (--json), not --no-write")
+    path = Path(json_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise YoloCompressError(f"{path}: unreadable as the benchmark's rows ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise YoloCompressError(f"{path}: not a `bench compress --json` file (no rows list)")
+    return data
 
 
 def _rel(path: Path, md_path: Path) -> str:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import build_model, load_artifact
+from ..artifacts import build_model, file_sha256, load_artifact
 from ..config import Config
 from ..errors import YoloCompressError
 from ..models.darknet import ConvLayer, Darknet
@@ -130,7 +130,12 @@ def command(config: Config, args: Any) -> Path:
 
 
 def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
-    """Stage 1 of the pipeline; stops it (check_sparsity) when pruning would cut live channels."""
-    path = run_sparse(config, from_artifact=paths["baseline"], force=force)
+    """Stage 1 of the pipeline (adopted from `pipeline.sparse` when set: a sparse artifact trained
+    from this baseline); stops it (check_sparsity) when pruning would cut live channels."""
+    from ..pipeline import adopted_or_trained
+    path = adopted_or_trained(
+        config, "sparse", force,
+        lambda: run_sparse(config, from_artifact=paths["baseline"], force=force),
+        parent=file_sha256(paths["baseline"]))
     check_sparsity(config, path, force)
     return path
