@@ -278,6 +278,10 @@ def test_pipeline_sparse_adopts_a_sparse_model_of_this_baseline_only(mini, capsy
     # `yolocompress sparse` does not take the adopted stage for a trained one
     with pytest.raises(YoloCompressError, match="it was adopted from a file, now it would be"):
         run_stage(cfg, "sparse")
+    # nor the pipeline a trained stage for an adopted one
+    trained = stage_inputs(cfg, "sparse", parent=base1)
+    assert describe_changes(trained, {"source": file_sha256(shipped)}) == [
+        "it was trained, now it would be adopted from a file"]
 
 
 def test_prune_with_a_changed_prune_section_refuses(mini, capsys):

@@ -116,7 +116,7 @@ def describe_changes(recorded: dict, current: dict, known: bool = True) -> list[
     """What differs, one phrase per input; with `known` False only the recorded keys count."""
     if ("source" in recorded) != ("source" in current):
         return ["it was adopted from a file, now it would be trained" if "source" in recorded
-                else "it was trained, now the pipeline adopts a file (pipeline.<stage>)"]
+                else "it was trained, now it would be adopted from a file"]
     keys = [k for k in ("source", "parent", "teacher", "weights")
             if k in recorded or (known and k in current)]
     out = [f"{k} sha256 {_short(recorded.get(k))} -> {_short(current.get(k))}"

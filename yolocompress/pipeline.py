@@ -34,8 +34,8 @@ from .train.distributed import init_distributed
 from .train.run import run_dir, stage_dir, train_built
 
 __all__ = ["PIPELINE", "REPORT_KEYS", "adopt_stage", "adopted_or_trained", "artifact_complete",
-           "baseline_step", "run_pipeline", "run_steps", "run_to_sparse", "stage_complete", "score_artifact",
-           "write_report", "format_table"]
+           "baseline_step", "run_pipeline", "run_steps", "run_to_sparse", "stage_complete",
+           "score_artifact", "write_report", "format_table"]
 
 # the steps that always run (a switched step, e.g. quantized, runs when its config key is true)
 PIPELINE = tuple(s.name for s in pipeline_stages() if s.switch is None)
@@ -82,19 +82,18 @@ def adopt_stage(config: Config, stage: str, force: bool = False,
     with atomic_open(folder / "metrics.json", "w", encoding="utf-8") as f:
         json.dump({"stage": stage, "adopted_from": str(src), "sha256": file_sha256(best),
                    "inputs": inputs, "best": art.get("metrics", {})}, f, indent=2)
-    command = "train" if stage == "baseline" else stage
-    print(f"{stage}: adopted {src} ({key}) as {best}; `yolocompress {command} --force` with this "
-          f"experiment trains it instead")
+    print(f"{stage}: adopted {src} ({key}) as {best}; `yolocompress {STAGES[stage].command} "
+          f"--force` with this experiment trains it instead")
     return best
 
 
 def adopted_or_trained(config: Config, stage: str, force: bool, train: Callable[[], Path],
-                       parent: str | None = None) -> Path:
-    """A pipeline step: `stage` adopted from `pipeline.<stage>` when set (adopt_stage), else
-    `train()`."""
+                       parent: Path | None = None) -> Path:
+    """A pipeline step: `stage` adopted from `pipeline.<stage>` when set (adopt_stage; the file
+    must descend from the artifact at `parent`, hashed only then), else `train()`."""
     if getattr(config.pipeline, stage) is None:
         return train()
-    adopt_stage(config, stage, force, parent)
+    adopt_stage(config, stage, force, None if parent is None else file_sha256(parent))
     return stage_dir(config, stage) / "best.pt"
 
 

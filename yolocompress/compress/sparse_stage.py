@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import build_model, file_sha256, load_artifact
+from ..artifacts import build_model, load_artifact
 from ..config import Config
 from ..errors import YoloCompressError
 from ..models.darknet import ConvLayer, Darknet
@@ -136,6 +136,6 @@ def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_i
     path = adopted_or_trained(
         config, "sparse", force,
         lambda: run_sparse(config, from_artifact=paths["baseline"], force=force),
-        parent=file_sha256(paths["baseline"]))
+        parent=paths["baseline"])
     check_sparsity(config, path, force)
     return path
