@@ -1,4 +1,4 @@
-"""Stage 4 on one artifact (default: the demo's distilled model): FP32 ONNX vs INT8 ONNX vs INT8
+"""Stage 4 on one artifact (default: the demo's recovered model): FP32 ONNX vs INT8 ONNX vs INT8
 with table-lookup activations (`quantize.activation=lut`) (mAP by `yolocompress eval` on each
 .onnx, size, ONNX Runtime latency at batch 1 and 8 side by side),
 the calibration methods x what stays float (and the naive all-INT8 control), weight sharing at b bits and global unstructured
@@ -314,7 +314,7 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path,
-                    default=Path("/tmp/ci/main/runs/demo/distilled/best.pt"))
+                    default=Path("/tmp/ci/main/runs/demo/finetuned/best.pt"))
     ap.add_argument("--config", type=Path, default=ROOT / "cfg" / "experiments" / "demo.yaml")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--speed-only", action="store_true", help="onnx part: latency, no mAP")

@@ -1,4 +1,4 @@
-"""What `pipeline.quantize: true` adds to a pipeline run, on one distilled artifact (default: the
+"""What `pipeline.quantize: true` adds to a pipeline run, on one recovered artifact (default: the
 demo's): the wall time of the pipeline's quantize step (export, calibration, INT8 model,
 metrics.json) and of scoring its two report rows (mAP in ONNX Runtime on the val split, latency
 at batch 1 and 8), with the rows themselves and the torch row of the artifact beside them.
@@ -21,7 +21,7 @@ from yolocompress.compress.quantize_stage import pipeline_step
 from yolocompress.config import load_config
 from yolocompress.fileio import atomic_open
 from yolocompress.pipeline import format_table, score_artifact
-from yolocompress.stages import get_stage
+from yolocompress.stages import get_stage, recovered_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Stage 4 in the pipeline: what pipeline.quantize costs"
@@ -45,7 +45,7 @@ def _timed(fn, *args, **kwargs):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path,
-                    default=Path("/tmp/ci/main/runs/demo/distilled/best.pt"))
+                    default=Path("/tmp/ci/main/runs/demo/finetuned/best.pt"))
     ap.add_argument("--config", type=Path, default=ROOT / "cfg" / "experiments" / "demo.yaml")
     ap.add_argument("--latency-iters", type=int, default=30, help="as the pipeline's default")
     ap.add_argument("--latency-threads", type=int, default=1, help="as the pipeline's default")
@@ -55,11 +55,12 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-quantize-step-") as tmp:
         config = load_config(args.config, [f"train.out_dir={tmp}", "pipeline.quantize=true"])
-        paths = {"distilled": args.artifact}
+        stage = recovered_stage(config)           # the step quantizes the pipeline's recovery
+        paths = {stage: args.artifact}
         int8, step_s = _timed(pipeline_step, config, paths, False, args.latency_iters)
         rows, score_s = [], []
         lat = (args.latency_iters, args.latency_threads)
-        torch_row, _ = _timed(score_artifact, config, "distilled", args.artifact, *lat)
+        torch_row, _ = _timed(score_artifact, config, stage, args.artifact, *lat)
         for name in get_stage("quantized").report_files:
             row, s = _timed(score_artifact, config, "quantized", int8.parent / name, *lat,
                             source=args.artifact)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluation (VOC / COCO mAP): the same as `yolocompress eval ...`, e.g.
 
-    python scripts/evaluate.py runs/demo/distilled/best.pt --data data/demo.yaml --metric voc07
+    python scripts/evaluate.py runs/demo/finetuned/best.pt --data data/demo.yaml --metric voc07
 """
 import sys
 

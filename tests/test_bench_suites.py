@@ -1,6 +1,7 @@
 """`yolocompress bench compress|ablation` on a miniature demo set: arms share one sparse model,
 land on the FLOPs budget, reuse finished runs, and write their tables, JSON and plot."""
 import json
+import os
 
 import pytest
 
@@ -8,7 +9,7 @@ from yolocompress.artifacts import file_sha256, load_artifact, save_artifact
 from yolocompress.bench.suites import (ABLATION_HEADING, COMPRESS_HEADING, PUBLISHED,
                                        compress_plan, mean_sd, merge_published, paired,
                                        paired_rows, paired_table, run_ablation)
-from yolocompress.bench.arms import ARMS, run_arm
+from yolocompress.bench.arms import ARMS, arm_folder, run_arm
 from yolocompress.compress.scratch_stage import trained_epochs
 from yolocompress.models.cfg import parse_cfg
 from yolocompress.models.profile import profile_summary
@@ -37,8 +38,12 @@ def test_mean_sd_and_paired_by_hand():
     assert paired([0.7], [0.6])["t"] is None
 
 
+RECOVERIES = {"ours": "finetune", "ours_distill": "distill", "torch_pruning": "finetune"}
+
+
 def _row(budget, method, seed, m):
-    return {"budget": budget, "method": method, "seed": seed, "map50_voc07": m}
+    return {"budget": budget, "method": method, "seed": seed, "map50_voc07": m,
+            "recovery": RECOVERIES.get(method)}
 
 
 def test_paired_rows_pair_by_seed_against_torch_pruning():
@@ -55,7 +60,7 @@ def test_paired_rows_pair_by_seed_against_torch_pruning():
 
 
 def test_merge_published_joins_one_benchmark_only():
-    head = {"experiment": "e", "recovery_epochs": 6, "command": "c2",
+    head = {"experiment": "e", "recovery_epochs": 6, "command": "c2", "recoveries": RECOVERIES,
             "baseline": {"sha256": "b"}, "sparse": {"sha256": "s"}}
     old = {**head, "command": "c1", "rows": [_row(0.65, "ours", 0, 0.70),
                                              _row(0.65, "torch_pruning", 0, 0.68),
@@ -73,6 +78,13 @@ def test_merge_published_joins_one_benchmark_only():
             merge_published({**old, key: value}, new, "old.json")
     with pytest.raises(YoloCompressError, match="its baseline model is x, this run's b"):
         merge_published({**old, "baseline": {"sha256": "x"}}, new, "old.json")
+    # `ours` rows of a run where it distilled do not join a run where it fine-tunes
+    distilled = {**old, "rows": [{**r, "recovery": "distill"} for r in old["rows"]]}
+    with pytest.raises(YoloCompressError, match="its ours rows were recovered by distill, this "
+                                                "run's ours by finetune"):
+        merge_published(distilled, new, "old.json")
+    with pytest.raises(YoloCompressError, match="an unrecorded recovery"):
+        merge_published({**old, "rows": [{**old["rows"][0], "recovery": None}]}, new, "old.json")
 
 
 def test_compress_plan_runs_every_seed_then_scratch(mini):
@@ -85,6 +97,20 @@ def test_compress_plan_runs_every_seed_then_scratch(mini):
         (0.35, "scratch", 3), (0.5, "scratch", 3)]
 
 
+def test_ours_follows_the_pipeline_recovery_in_the_folder_of_the_arm_it_equals(mini):
+    default = load_config(mini / "exp.yaml")
+    distill = load_config(mini / "exp.yaml", ["pipeline.recovery=distill"])
+    assert default.pipeline.recovery == "finetune"
+    assert [ARMS["ours"].recovery_of(c) for c in (default, distill)] == ["finetune", "distill"]
+    assert [arm_folder(c, ARMS["ours"]) for c in (default, distill)] == ["ours_finetune",
+                                                                         "ours_distill"]
+    # an arm with a fixed recovery, or one no other arm equals, keeps its own folder
+    assert arm_folder(distill, ARMS["ours_finetune"]) == "ours_finetune"
+    assert ARMS["ours_iterative"].recovery_of(distill) == "distill"
+    assert arm_folder(default, ARMS["ours_iterative"]) == "ours_iterative"
+    assert arm_folder(default, ARMS["torch_pruning"]) == "torch_pruning"
+
+
 def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp_path, capsys):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\n## Other\n\nkept\n")
@@ -92,21 +118,29 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     args = ["bench", "compress", "--config", str(mini / "exp.yaml"), "--latency-iters", "1",
             "--markdown", str(md), "--json", str(published), *FAST, "bench.budgets=[0.5]",
             "bench.seeds=[0]", "bench.scratch_seeds=[0]",
-            "bench.arms=[ours,ours_finetune,torch_pruning,global,scratch]"]
+            "bench.arms=[ours,ours_finetune,ours_distill,torch_pruning,global,scratch]"]
     assert main(args) == 0
     bench = mini / "runs" / "exp" / "bench"
     result = json.loads((bench / "compress.json").read_text())
     base, sparse = result["baseline"], result["sparse"]
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"ours", "ours_finetune", "torch_pruning", "global", "scratch"}
+    assert set(rows) == {"ours", "ours_finetune", "ours_distill", "torch_pruning", "global",
+                         "scratch"}
     for method, r in rows.items():
         assert 1 - r["flops"] / base["flops"] == pytest.approx(0.5, abs=0.011), method
         assert r["budget"] == 0.5 and r["seed"] == 0 and r["map50_pruned"] is not None
         # every arm descends from the one shared sparse model
         assert any(step["sha256"] == sparse["sha256"] for step in r["lineage"]), method
-    assert rows["ours"]["stage"] == "distilled" and rows["global"]["stage"] == "finetuned"
-    # ours, its fine-tune control and scratch share the pruned model (scratch: its architecture)
-    assert rows["ours"]["parent"] == rows["ours_finetune"]["parent"] == rows["scratch"]["parent"]
+    # ours is the pipeline's defaults: recovered by fine-tuning (pipeline.recovery), which is the
+    # ours_finetune arm's run itself, trained once
+    assert rows["ours"]["stage"] == rows["global"]["stage"] == "finetuned"
+    assert rows["ours"]["recovery"] == "finetune" and rows["ours_distill"]["stage"] == "distilled"
+    assert rows["ours"]["artifact"] == rows["ours_finetune"]["artifact"]
+    assert rows["ours"]["map50_voc07"] == rows["ours_finetune"]["map50_voc07"]
+    assert "ours-seed0" not in os.listdir(bench / "flops50")
+    # ours, its recoveries and scratch share the pruned model (scratch: its architecture)
+    assert (rows["ours"]["parent"] == rows["ours_distill"]["parent"]
+            == rows["scratch"]["parent"])
     ours_pruned = load_artifact(bench / "flops50" / "ours" / "pruned" / "best.pt")
     assert ours_pruned["prune"]["budget"]["method"] == "evolve"     # the pipeline's default
     slim = load_artifact(bench / "flops50" / "global" / "pruned" / "best.pt")["prune"]
@@ -117,10 +151,12 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     assert scratch["stage"] == "scratch" and scratch["cfg"] == ours_pruned["cfg"]
     assert rows["scratch"]["epochs"] == scratch["scratch"]["epochs"] == 3
     assert rows["ours"]["epochs"] == rows["torch_pruning"]["epochs"] == result["recovery_epochs"] == 1
-    assert {d["method"] for d in result["paired"]} == {"ours", "ours_finetune", "global", "scratch"}
+    assert {d["method"] for d in result["paired"]} == {"ours", "ours_finetune", "ours_distill",
+                                                        "global", "scratch"}
     out = json.loads(published.read_text())
     assert out["baseline"]["map50_voc07"] == base["map50_voc07"]
-    assert all(set(r) == set(PUBLISHED) for r in out["rows"]) and len(out["rows"]) == 5
+    assert all(set(r) == set(PUBLISHED) for r in out["rows"]) and len(out["rows"]) == 6
+    assert out["recoveries"]["ours"] == "finetune"
     text = md.read_text()
     assert COMPRESS_HEADING in text and "## Other\n\nkept" in text
     assert "yolocompress bench compress" in text and "Torch-Pruning" in text
@@ -143,12 +179,12 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     published.write_text(json.dumps({**out, "rows": [kept, stale]}))
     assert main([*args, "--merge"]) == 0
     merged = json.loads(published.read_text())
-    assert len(merged["rows"]) == 6 and kept in merged["rows"] and stale not in merged["rows"]
+    assert len(merged["rows"]) == 7 and kept in merged["rows"] and stale not in merged["rows"]
     assert merged["rows"][-1] == kept                          # sorted by budget, then method
-    assert [r["budget"] for r in merged["rows"]] == [0.5] * 5 + [0.65]
+    assert [r["budget"] for r in merged["rows"]] == [0.5] * 6 + [0.65]
     assert merged["commands"][-1] == merged["command"]
     assert {(d["budget"], d["method"]) for d in merged["paired"]} == {
-        (0.5, m) for m in ("ours", "ours_finetune", "global", "scratch")}
+        (0.5, m) for m in ("ours", "ours_finetune", "ours_distill", "global", "scratch")}
     assert "rows joined from" in md.read_text()
     # ... and only from the same sparse model: refused before any arm runs, the file untouched
     other = {**merged, "sparse": {**merged["sparse"], "sha256": "f" * 64}}
@@ -156,6 +192,14 @@ def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp
     before = published.read_text()
     assert main([*args, "--merge"]) == 2
     assert "its sparse model is ffffffffffff" in capsys.readouterr().err
+    assert published.read_text() == before
+    # ... nor `ours` rows of a run in which the pipeline's recovery was another
+    other = {**merged, "rows": [{**r, "recovery": "distill"} if r["method"] == "ours" else r
+                                for r in merged["rows"]]}
+    published.write_text(json.dumps(other))
+    before = published.read_text()
+    assert main([*args, "--merge"]) == 2
+    assert "its ours rows were recovered by distill" in capsys.readouterr().err
     assert published.read_text() == before
 
 
@@ -175,7 +219,7 @@ def test_iterative_arm_prunes_in_steps_within_the_same_epochs(mini):
     assert ft["config"]["train"]["epochs"] == 1 and ft["config"]["train"]["seed"] == 0
     assert [s["stage"] for s in load_artifact(row["artifact"])["lineage"]][-3:] == [
         "pruned", "finetuned", "pruned"]
-    assert row["stage"] == "distilled" and row["epochs"] == 3
+    assert row["stage"] == "finetuned" and row["epochs"] == 3     # pipeline.recovery
     with pytest.raises(YoloCompressError, match="iterative_steps=4: the recovery's 3 epochs"):
         run_arm(load_config(mini / "exp.yaml", [*FAST, "distill.epochs=3",
                                                 "bench.iterative_steps=4"]),

@@ -42,35 +42,49 @@ def test_pipeline_chains_stages_and_reports(mini, chained, capsys):
     run, out = chained
     report = json.loads((run / "report.json").read_text())
     rows = report["stages"]
-    assert [r["stage"] for r in rows] == list(PIPELINE)
+    assert [r["stage"] for r in rows] == [*PIPELINE, "finetuned"]    # pipeline.recovery default
     for r in rows:
         assert set(REPORT_KEYS) <= set(r)
         assert 0.0 <= r["map50_voc07"] <= 1.0 and 0.0 <= r["map50_all"] <= 1.0
         assert r["size_bytes"] == os.path.getsize(r["artifact"]) and r["latency_ms_b1"] > 0
         assert r["sha256"] == file_sha256(r["artifact"])
         assert (run / r["stage"] / "pr_curves.png").is_file()
-    base, sparse, pruned, distilled = rows
+    base, sparse, pruned, finetuned = rows
     assert pruned["params"] < base["params"] and pruned["flops"] < base["flops"]
-    assert distilled["params"] == pruned["params"] and sparse["params"] == base["params"]
+    assert finetuned["params"] == pruned["params"] and sparse["params"] == base["params"]
     # lineage: each artifact descends from the previous stage's file
     for prev, row in zip(rows, rows[1:]):
         assert row["parent"] == prev["sha256"]
         assert row["lineage"][-1]["stage"] == prev["stage"]
-    assert [s["stage"] for s in distilled["lineage"]] == ["baseline", "sparse", "pruned"]
-    assert load_artifact(distilled["artifact"])["distill"]["teacher"]["sha256"] == sparse["sha256"]
+    assert [s["stage"] for s in finetuned["lineage"]] == ["baseline", "sparse", "pruned"]
+    assert "distill" not in load_artifact(finetuned["artifact"])       # no teacher
     md = (run / "report.md").read_text()
     assert "| stage |" in md and "sparse/gamma_histograms.png" in md
     assert "pruned/channels_kept.png" in md
-    assert format_table(rows).splitlines()[0].startswith("stage") and "distilled" in out
+    assert format_table(rows).splitlines()[0].startswith("stage") and "finetuned" in out
 
     # everything complete: a second run skips every stage and leaves the artifacts alone
     shas = [r["sha256"] for r in rows]
     assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "0",
                  *FAST]) == 0
     out = capsys.readouterr().out
-    assert out.count("is complete, skipping") == len(PIPELINE)
+    assert out.count("is complete, skipping") == len(rows)
     again = json.loads((run / "report.json").read_text())["stages"]
     assert [r["sha256"] for r in again] == shas and again[0]["latency_ms_b1"] is None
+
+    # the method's distillation instead: the stages before the recovery are reused, the
+    # distilled stage is trained with the sparse model as its teacher and reported in its place
+    assert main(["pipeline", "--config", str(mini / "exp.yaml"), "--latency-iters", "0",
+                 *FAST, "pipeline.recovery=distill"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("is complete, skipping") == len(PIPELINE)
+    distilled = json.loads((run / "report.json").read_text())["stages"]
+    assert [r["stage"] for r in distilled] == [*PIPELINE, "distilled"]
+    assert [r["sha256"] for r in distilled[:3]] == shas[:3]
+    assert distilled[3]["parent"] == pruned["sha256"]
+    teacher = load_artifact(distilled[3]["artifact"])["distill"]["teacher"]
+    assert teacher["sha256"] == sparse["sha256"]
+    assert (run / "finetuned" / "best.pt").is_file()          # the other recovery is left alone
 
 
 def test_stage_budget_overrides_train_epochs(mini, chained):
@@ -89,8 +103,8 @@ def test_stage_budget_overrides_train_epochs(mini, chained):
 def test_finetune_command_is_the_plain_control(mini, chained):
     pruned = chained[0] / "pruned" / "best.pt"
     assert main(["finetune", "--config", str(mini / "exp.yaml"), "--student", str(pruned),
-                 "distill.epochs=1"]) == 0
-    art = load_artifact(mini / "runs" / "exp" / "finetuned" / "best.pt")
+                 "distill.epochs=1", "name=ftcmd"]) == 0
+    art = load_artifact(mini / "runs" / "ftcmd" / "finetuned" / "best.pt")
     assert art["stage"] == "finetuned" and art["parent"] == file_sha256(pruned)
     assert art["prune"] == load_artifact(pruned)["prune"] and "distill" not in art
 
@@ -146,7 +160,7 @@ def test_killed_mid_stage_resumes_without_redoing_finished_stages(tmp_path, caps
     assert "baseline: " in out and "is complete, skipping" in out
     assert f"resuming from {sparse / 'last.pt'}" in out, out
     assert baseline.stat().st_mtime_ns == mtime and rows[0]["sha256"] == sha
-    for stage in PIPELINE:
+    for stage in (*PIPELINE, "finetuned"):
         assert stage_complete(config, stage)
         load_artifact(base / "runs" / "exp" / stage / "best.pt")   # checks cfg/state_dict
     assert load_artifact(sparse / "last.pt", check=False)["train_state"]["epoch"] == 3

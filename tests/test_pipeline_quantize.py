@@ -1,5 +1,5 @@
 """Stage 4 in the pipeline (`pipeline.quantize`): off, the pipeline and its report are as they
-were; on, the distilled model's FP32 and INT8 ONNX are written, scored in ONNX Runtime as two
+were; on, the recovered model's FP32 and INT8 ONNX are written, scored in ONNX Runtime as two
 report rows, reused only with the same inputs, redone by --redo / --force, and bad input is one
 line. On the miniature chain (one epoch per stage, 4 calibration images)."""
 import json
@@ -54,20 +54,22 @@ def _one_line_error(capsys, code, *needles):
     return err
 
 
-def test_the_switch_orders_quantized_after_distilled_and_is_off_by_default(chain):
+def test_the_switch_orders_quantized_after_the_recovery_and_is_off_by_default(chain):
     off = load_config(chain / "exp.yaml")
     on = load_config(chain / "exp.yaml", ON)
     assert off.pipeline.quantize is False
-    assert [s.name for s in pipeline_stages(off)] == list(PIPELINE)
-    assert [s.name for s in pipeline_stages(on)] == [*PIPELINE, "quantized"]
-    assert "quantized" not in PIPELINE and PIPELINE[-1] == "distilled"
+    assert [s.name for s in pipeline_stages(off)] == [*PIPELINE, "finetuned"]
+    assert [s.name for s in pipeline_stages(on)] == [*PIPELINE, "finetuned", "quantized"]
+    distill = load_config(chain / "exp.yaml", [*ON, "pipeline.recovery=distill"])
+    assert [s.name for s in pipeline_stages(distill)] == [*PIPELINE, "distilled", "quantized"]
+    assert "quantized" not in PIPELINE
 
 
 def test_off_writes_no_quantized_folder_and_the_report_has_the_torch_rows_only(chain):
     run = chain / "runs" / "exp"
     assert not (run / "quantized").exists()
     rows = json.loads((run / "report.json").read_text())["stages"]
-    assert [r["stage"] for r in rows] == list(PIPELINE)
+    assert [r["stage"] for r in rows] == [*PIPELINE, "finetuned"]
     assert {(r["backend"], r["precision"]) for r in rows} == {("torch", "fp32")}
     assert all(r["latency_ms_b8"] is None for r in rows)
     md = (run / "report.md").read_text()
@@ -82,14 +84,14 @@ def test_on_writes_the_onnx_pair_reports_two_onnx_rows_and_reuses_them(chain, ca
     folder = run / "quantized"
     fp32, int8 = folder / "model-fp32.onnx", folder / "model-int8.onnx"
     metrics = json.loads((folder / "metrics.json").read_text())
-    distilled = run / "distilled" / "best.pt"
-    assert metrics["inputs"]["parent"] == file_sha256(distilled)
+    recovered = run / "finetuned" / "best.pt"
+    assert metrics["inputs"]["parent"] == file_sha256(recovered)
     assert metrics["inputs"]["config"]["quantize"]["calibration_images"] == 4
     assert isinstance(metrics["inputs"]["config"]["quantize"]["reduce_range"], bool)
     assert metrics["files"] == {"model-fp32.onnx": file_sha256(fp32),
                                 "model-int8.onnx": file_sha256(int8)}
     rows = json.loads((run / "report.json").read_text())["stages"]
-    assert [r["stage"] for r in rows] == [*PIPELINE, "quantized", "quantized"]
+    assert [r["stage"] for r in rows] == [*PIPELINE, "finetuned", "quantized", "quantized"]
     # the torch rows are those of the run without the stage
     keep = ("stage", "sha256", "map50_voc07", "map50_all", "params", "flops", "size_bytes")
     assert [{k: r[k] for k in keep} for r in rows[:4]] == [{k: r[k] for k in keep}
@@ -104,7 +106,7 @@ def test_on_writes_the_onnx_pair_reports_two_onnx_rows_and_reuses_them(chain, ca
         assert r["size_bytes"] == os.path.getsize(r["artifact"])
         assert r["sha256"] == file_sha256(r["artifact"]) and r["parent"] == dist["sha256"]
         assert r["latency_ms_b1"] > 0 and r["latency_ms_b8"] > 0 and r["latency_threads"] == 1
-        assert [s["stage"] for s in r["lineage"]] == ["baseline", "sparse", "pruned", "distilled"]
+        assert [s["stage"] for s in r["lineage"]] == ["baseline", "sparse", "pruned", "finetuned"]
     assert i8["size_bytes"] < 0.5 * f32["size_bytes"]
     # the FP32 export scores as its artifact does (the same evaluator, another runtime)
     assert abs(f32["map50_voc07"] - dist["map50_voc07"]) < 0.02
@@ -148,7 +150,7 @@ def test_changed_inputs_are_refused_until_redo_or_force(chain, capsys):
     assert metrics["inputs"]["config"]["quantize"]["calibration_images"] == 5
     assert int8.stat().st_mtime_ns != mtime
     out = capsys.readouterr().out
-    assert "distilled: " in out and "is complete, skipping" in out   # the stages before: reused
+    assert "finetuned: " in out and "is complete, skipping" in out   # the stages before: reused
 
     # --force reaches the step as force=True (the pipeline's --force also redoes the others)
     mtime = int8.stat().st_mtime_ns
@@ -184,4 +186,4 @@ def test_bad_input_is_one_line(chain, capsys, tmp_path):
     (folder / "model-int8.onnx").write_text("not onnx")
     with pytest.raises(YoloCompressError, match="ONNX Runtime cannot load it"):
         score_artifact(config, "quantized", folder / "model-int8.onnx", 0,
-                       source=chain / "runs" / "bad" / "distilled" / "best.pt")
+                       source=chain / "runs" / "bad" / "finetuned" / "best.pt")

@@ -22,7 +22,8 @@ from yolocompress.inputs import describe_changes, stage_inputs
 from yolocompress.models.cfg import read_cfg
 from yolocompress.models.darknet import Darknet
 from yolocompress.pipeline import PIPELINE, adopt_stage, run_steps
-from yolocompress.stages import STAGES, Stage, pipeline_stages, recovery_stages
+from yolocompress.stages import (STAGES, Stage, pipeline_stages, recovered_stage, recovery_stages,
+                                 switch_hint)
 from yolocompress.train.run import run_stage
 
 from conftest import CHAIN_TRAIN, ROOT, make_mini
@@ -90,13 +91,23 @@ def test_a_registered_toy_stage_is_a_valid_artifact_stage_and_a_command(mini, mo
 
 
 def test_pipeline_order_plots_and_recoveries_come_from_the_registry():
-    assert PIPELINE == ("baseline", "sparse", "pruned", "distilled")
+    assert PIPELINE == ("baseline", "sparse", "pruned")
     assert {k: s.name for k, s in recovery_stages().items()} == {
         "distill": "distilled", "finetune": "finetuned", "scratch": "scratch"}
     assert "gamma_histograms.png" in STAGES["sparse"].plots
     cfg = load_config(ROOT / "cfg/experiments/demo.yaml")
-    assert set(cfg.bench.arms) == {"ours", "ours_finetune", "ours_iterative", "torch_pruning",
-                                   "global", "scratch"}
+    assert set(cfg.bench.arms) == {"ours", "ours_finetune", "ours_distill", "ours_iterative",
+                                   "torch_pruning", "global", "scratch"}
+    # the recovery after pruning is one step, chosen by pipeline.recovery (fine-tuning by default)
+    distill = load_config(ROOT / "cfg/experiments/demo.yaml", ["pipeline.recovery=distill",
+                                                               "pipeline.quantize=false"])
+    assert [s.name for s in pipeline_stages(cfg)] == [*PIPELINE, "finetuned", "quantized"]
+    assert [s.name for s in pipeline_stages(distill)] == [*PIPELINE, "distilled"]
+    assert (recovered_stage(cfg), recovered_stage(distill)) == ("finetuned", "distilled")
+    assert switch_hint(STAGES["distilled"]) == "pipeline.recovery=distill"
+    assert switch_hint(STAGES["quantized"]) == "pipeline.quantize=true"
+    with pytest.raises(YoloCompressError, match="pipeline.recovery=prune: expected one of"):
+        load_config(ROOT / "cfg/experiments/demo.yaml", ["pipeline.recovery=prune"])
     with pytest.raises(YoloCompressError, match="bench.arms"):
         load_config(ROOT / "cfg/experiments/demo.yaml", ["bench.arms=[nope]"])
 

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_stage_commands(sub)
 
-    s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> distill (-> quantize with "
+    s = sub.add_parser("pipeline", help="baseline -> sparse -> prune -> fine-tune (distill with "
+                                        "pipeline.recovery=distill; -> quantize with "
                                         "pipeline.quantize=true), then the report")
     s.add_argument("--config", help="experiment YAML (default: the built-in demo, "
                                     "cfg/experiments/demo.yaml)")

@@ -1,6 +1,7 @@
-"""`yolocompress pipeline`: baseline -> sparse -> pruned -> distilled through the artifacts in
-runs/<name>/<stage>/best.pt (-> quantized, the distilled model's FP32 and INT8 ONNX, with
-`pipeline.quantize: true`), then each stage scored the same way and reported.
+"""`yolocompress pipeline`: baseline -> sparse -> pruned -> finetuned (or distilled, with
+`pipeline.recovery: distill`) through the artifacts in runs/<name>/<stage>/best.pt (-> quantized,
+the recovered model's FP32 and INT8 ONNX, with `pipeline.quantize: true`), then each stage scored
+the same way and reported.
 
 The steps, their order, switches and plots are the registry's (stages.py); each stage skips or
 resumes by the rule of inputs.py (a complete stage with the same inputs is reused, one whose
@@ -29,7 +30,7 @@ from .fileio import atomic_open, remove_stale_temps
 from .inputs import artifact_complete, reuse_complete, stage_inputs
 from .models.cfg import parse_cfg
 from .models.profile import profile_summary
-from .stages import STAGES, get_stage, pipeline_stages, resolve, switched_on
+from .stages import STAGES, get_stage, pipeline_stages, resolve, switch_hint, switched_on
 from .train.distributed import init_distributed
 from .train.run import run_dir, stage_dir, train_built
 
@@ -37,7 +38,8 @@ __all__ = ["PIPELINE", "REPORT_KEYS", "adopt_stage", "adopted_or_trained", "arti
            "baseline_step", "run_pipeline", "run_steps", "run_to_sparse", "stage_complete",
            "score_artifact", "write_report", "format_table"]
 
-# the steps that always run (a switched step, e.g. quantized, runs when its config key is true)
+# the steps that always run (a switched step runs when its config key says so: the recovery
+# after pruning by pipeline.recovery, quantized with pipeline.quantize)
 PIPELINE = tuple(s.name for s in pipeline_stages() if s.switch is None)
 REPORT_KEYS = ("stage", "artifact", "backend", "precision", "map50_voc07", "map50_all", "params",
                "flops", "latency_ms_b1", "latency_ms_b8", "size_bytes")
@@ -113,7 +115,7 @@ def run_steps(config: Config, force: bool = False, latency_iters: int = 30,
         raise YoloCompressError(f"--redo {redo}: not a pipeline stage (one of {', '.join(names)})")
     if redo is not None and config is not None and not switched_on(STAGES[redo], config):
         raise YoloCompressError(f"--redo {redo}: that stage is off in this experiment "
-                                f"({STAGES[redo].switch}=true runs it)")
+                                f"({switch_hint(STAGES[redo])} runs it)")
     paths: dict[str, Path] = {}
     for stage in pipeline_stages(config):
         force = force or stage.name == redo
@@ -281,7 +283,8 @@ def run_pipeline(config: Config, force: bool = False, latency_iters: int = 30,
     returns the report rows in pipeline order."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise YoloCompressError("pipeline runs in one process; under torchrun run the train, "
-                                "sparse and distill commands one by one (prune runs on one process)")
+                                "sparse and finetune (or distill) commands one by one (prune "
+                                "runs on one process)")
     paths = run_steps(config, force, latency_iters, redo=redo)
     rows, previous = [], None
     for stage, result in paths.items():

@@ -25,8 +25,8 @@ from typing import Any
 from .errors import YoloCompressError
 
 __all__ = ["Option", "Stage", "STAGES", "register", "get_stage", "stage_names",
-           "pipeline_stages", "switched_on", "recovery_stages", "resolve", "batch_sizes", "Arm",
-           "ARMS"]
+           "pipeline_stages", "switched_on", "switch_hint", "recovery_stages", "recovered_stage",
+           "resolve", "batch_sizes", "Arm", "ARMS"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class Stage:
     reads: tuple[str, ...] = ()             # config sections its result depends on
     plots: tuple[str, ...] = ()             # files in its folder linked from reports
     pipeline_step: str | None = None        # "module:function" of its pipeline step
-    switch: str | None = None               # "section.key" (a bool) that turns that step on;
-    #                                         None: it always runs
+    switch: str | None = None               # "section.key" (a bool) or "section.key=value"
+    #                                         that turns that step on; None: it always runs
     report_files: tuple[str, ...] = ()      # files in its folder the pipeline report scores, in
     #                                         order; (): the step's result
     recovery: str | None = None             # bench arm recovery name that produces it
@@ -90,16 +90,30 @@ def pipeline_stages(config: Any = None) -> tuple[Stage, ...]:
 
 
 def switched_on(stage: Stage, config: Any) -> bool:
-    """Whether `stage`'s pipeline step runs under `config` (its `switch` key, if any, is true)."""
+    """Whether `stage`'s pipeline step runs under `config`: its `switch` key, if any, is true, or
+    (for "section.key=value") has that value."""
     if stage.switch is None:
         return True
-    section, _, key = stage.switch.partition(".")
-    return bool(getattr(getattr(config, section), key))
+    name, eq, value = stage.switch.partition("=")
+    section, _, key = name.partition(".")
+    setting = getattr(getattr(config, section), key)
+    return str(setting) == value if eq else bool(setting)
+
+
+def switch_hint(stage: Stage) -> str:
+    """The override that turns `stage`'s switched step on ("pipeline.quantize=true")."""
+    return stage.switch if "=" in (stage.switch or "") else f"{stage.switch}=true"
 
 
 def recovery_stages() -> dict[str, Stage]:
     """bench recovery name -> the stage it produces."""
     return {s.recovery: s for s in STAGES.values() if s.recovery}
+
+
+def recovered_stage(config: Any) -> str:
+    """The stage the pipeline's recovery after pruning produces (`pipeline.recovery`: finetune ->
+    finetuned, distill -> distilled)."""
+    return recovery_stages()[config.pipeline.recovery].name
 
 
 def resolve(ref: str) -> Callable[..., Any]:
@@ -175,7 +189,8 @@ register(Stage(
 register(Stage(
     "distilled", parents=("pruned",), section="distill", reads=_TRAIN_READS + ("distill",),
     plots=("training_curves.png", "pr_curves.png"),
-    pipeline_step="yolocompress.compress.distill_stage:pipeline_step", recovery="distill",
+    pipeline_step="yolocompress.compress.distill_stage:pipeline_step",
+    switch="pipeline.recovery=distill", recovery="distill",
     command="distill", help="stage 3: spatial-attention distillation into a pruned model",
     config_help="experiment YAML (its `distill` section)", example="distill.fg_mask=true",
     options=(_STUDENT, Option(("--teacher",), {"help": "teacher artifact (default: the student's "
@@ -184,8 +199,11 @@ register(Stage(
     build="yolocompress.compress.distill_stage:build_distill"))
 register(Stage(
     "finetuned", parents=("pruned",), section="distill", reads=_TRAIN_READS + ("distill",),
-    plots=("training_curves.png", "pr_curves.png"), recovery="finetune",
-    command="finetune", help="plain fine-tuning of a pruned model (distillation's control)",
+    plots=("training_curves.png", "pr_curves.png"),
+    pipeline_step="yolocompress.compress.distill_stage:finetune_step",
+    switch="pipeline.recovery=finetune", recovery="finetune",
+    command="finetune", help="plain fine-tuning of a pruned model (the pipeline's default "
+                             "recovery; distillation's control)",
     config_help="experiment YAML (distill.epochs / distill.lr)", example="distill.epochs=10",
     options=(_STUDENT,), entry="yolocompress.compress.distill_stage:finetune_command",
     build="yolocompress.compress.distill_stage:build_finetune"))
@@ -208,7 +226,8 @@ register(Stage(
     example="quantize.method=percentile",
     options=(Option(("--from",), {"dest": "from_artifact", "metavar": "MODEL",
                                   "help": "artifact .pt (exported to ONNX first) or an exported "
-                                          ".onnx (default: runs/<name>/distilled/best.pt)"}),
+                                          ".onnx (default: the pipeline's recovered model, "
+                                          "runs/<name>/finetuned/best.pt or distilled/)"}),
              Option(("--out",), {"help": "the INT8 model (default: runs/<name>/quantized/"
                                          "model-int8.onnx)"}),
              Option(("--fp32",), {"metavar": "PATH", "help": "also keep the FP32 export of an "
@@ -233,15 +252,21 @@ class Arm:
     name: str
     pruning: str        # ours (the prune section as configured) | iterative (ours in steps)
     #                     | global | torch_pruning
-    recovery: str       # the `recovery` of a registered stage: distill | finetune | scratch
+    recovery: str       # the `recovery` of a registered stage: distill | finetune | scratch;
+    #                     or "pipeline": the experiment's pipeline.recovery
     label: str
+
+    def recovery_of(self, config: Any) -> str:
+        """The recovery this arm runs under `config`."""
+        return config.pipeline.recovery if self.recovery == "pipeline" else self.recovery
 
 
 ARMS = {a.name: a for a in (
-    Arm("ours", "ours", "distill", "ours (pipeline defaults) + attention distillation"),
-    Arm("ours_finetune", "ours", "finetune", "ours, plain fine-tune instead of distillation"),
-    Arm("ours_iterative", "iterative", "distill", "ours in k prunes, fine-tunes between, "
-                                                  "+ distillation (same total epochs)"),
+    Arm("ours", "ours", "pipeline", "ours (pipeline defaults, pipeline.recovery)"),
+    Arm("ours_finetune", "ours", "finetune", "ours + plain fine-tune"),
+    Arm("ours_distill", "ours", "distill", "ours + attention distillation (the method's stage 3)"),
+    Arm("ours_iterative", "iterative", "pipeline", "ours in k prunes, fine-tunes between, "
+                                                   "+ pipeline.recovery (same total epochs)"),
     Arm("torch_pruning", "torch_pruning", "finetune",
         "Torch-Pruning, BN-scale importance, global + fine-tune"),
     Arm("global", "global", "finetune", "one global |gamma| threshold + fine-tune "

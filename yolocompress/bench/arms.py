@@ -2,9 +2,12 @@
 attention distillation or plain fine-tuning (or, the scratch control, its architecture trained
 from random initialisation) -> scored like a pipeline stage.
 
-Every arm runs in its own folder `<root>/<arm>/` (pruned/, then distilled/ or finetuned/), so
-finished pieces are reused (by the stages' one skip rule, inputs.py) when a benchmark is re-run;
-`Arm` names the pruning and the recovery (a registered stage's `recovery`, stages.py).
+Every arm runs in its own folder `<root>/<arm>-seed<S>/` (then distilled/ or finetuned/; the
+pruned model of a pruning method in `<root>/<pruning>/pruned/`), so finished pieces are reused
+(by the stages' one skip rule, inputs.py) when a benchmark is re-run; `Arm` names the pruning and
+the recovery (a registered stage's `recovery`, or the experiment's `pipeline.recovery`,
+stages.py). An arm that runs what another arm runs (`ours` is `ours_finetune` or `ours_distill`,
+by pipeline.recovery) runs in that arm's folder: one training, two rows.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from ..pipeline import score_artifact
 from ..stages import ARMS, Arm, recovery_stages
 from ..train.run import config_evaluator, with_stage_budget
 
-__all__ = ["Arm", "ARMS", "arm_config", "prune_arm", "run_arm", "recovery_epochs", "scratch_config"]
+__all__ = ["Arm", "ARMS", "arm_config", "arm_folder", "prune_arm", "run_arm", "recovery_epochs",
+           "scratch_config"]
 
 
 def arm_config(config: Config, root: Path, folder: str, seed: int | None = None) -> Config:
@@ -156,31 +160,43 @@ def scratch_config(config: Config, sparse: Path, n_train: int) -> Config:
         config.train, epochs=epochs, lr=bc.scratch_lr or config.train.lr))
 
 
+def arm_folder(config: Config, arm: Arm) -> str:
+    """The arm whose folder `arm` runs in: itself, or for a `pipeline` recovery the arm with a fixed
+    recovery that runs the same pruning and recovery under `config` (if one is registered)."""
+    if arm.recovery != "pipeline":
+        return arm.name
+    recovery = arm.recovery_of(config)
+    return next((a.name for a in ARMS.values()
+                 if a.pruning == arm.pruning and a.recovery == recovery), arm.name)
+
+
 def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, seed: int,
             latency_iters: int = 30) -> dict:
     """Prune (shared by arms with the same pruning), recover with `seed`, score; the report row
     of the recovered model plus method, budget, seed, the mAP right after pruning and the epochs
-    the recovery trained."""
-    cfg = arm_config(config, root, f"{arm.name}-seed{seed}", seed)
+    the recovery trained (and which recovery it was)."""
+    recovery = arm.recovery_of(config)
+    folder = f"{arm_folder(config, arm)}-seed{seed}"
+    cfg = arm_config(config, root, folder, seed)
     n_train = len(load_split(load_descriptor(cfg.require_file("data.descriptor")), "train",
                              strict=cfg.data.strict))
     before = 0                          # epochs trained after the sparse model, before recovery
     if arm.pruning == "iterative":      # pruned per seed: the fine-tunes between prunes are seeded
-        pruned, final = iterative_prune(config, root / f"{arm.name}-seed{seed}", sparse, budget,
-                                        seed, n_train)
+        pruned, final = iterative_prune(config, root / folder, sparse, budget, seed, n_train)
         before = recovery_epochs(config, n_train) - final
         cfg = with_recovery_epochs(cfg, final)
     else:
         pruned = prune_arm(config, root, arm.pruning, sparse, budget)
-    if arm.recovery == "distill":
+    if recovery == "distill":
         best = run_distill(cfg, pruned, sparse)
-    elif arm.recovery == "finetune":
+    elif recovery == "finetune":
         best = run_finetune(cfg, pruned)
     else:
         cfg = scratch_config(cfg, sparse, n_train)
         best = run_scratch(cfg, pruned)
     epochs = load_artifact(best)["config"]["train"]["epochs"] + before
-    row = score_artifact(cfg, recovery_stages()[arm.recovery].name, best, latency_iters)
+    row = score_artifact(cfg, recovery_stages()[recovery].name, best, latency_iters)
     row.update(method=arm.name, label=arm.label, budget=budget, seed=seed, epochs=epochs,
+               recovery=recovery,
                map50_pruned=load_artifact(pruned)["metrics"].get("map50_voc07"))
     return row

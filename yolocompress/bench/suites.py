@@ -78,6 +78,12 @@ def _group(rows: Sequence[dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
+def _label(row: dict) -> str:
+    """The method's label; for an arm that follows pipeline.recovery, with the recovery it ran."""
+    arm = ARMS[row["method"]]
+    return f"{arm.label}: {row['recovery']}" if arm.recovery == "pipeline" else arm.label
+
+
 def compress_table(rows: Sequence[dict], reference: Sequence[dict]) -> str:
     """Markdown: one line per (budget, method), seeds pooled as mean ± sd."""
     base = reference[0]
@@ -92,7 +98,7 @@ def compress_table(rows: Sequence[dict], reference: Sequence[dict]) -> str:
         r = group[0]
         pruned = [g["map50_pruned"] for g in group if g["map50_pruned"] is not None]
         lines.append(
-            f"| -{budget:.0%} | {ARMS[method].label} | {r['flops'] / 1e9:.3f}G "
+            f"| -{budget:.0%} | {_label(r)} | {r['flops'] / 1e9:.3f}G "
             f"({r['flops'] / base['flops'] - 1:+.1%}) | {r['params'] / 1e6:.3f}M "
             f"({r['params'] / base['params'] - 1:+.1%}) | {_pm(pruned) if pruned else '-'} | "
             f"{_pm([g['map50_voc07'] for g in group])} | {_pm([g['map50_all'] for g in group])} | "
@@ -139,7 +145,7 @@ def plot_compress(rows: Sequence[dict], reference: Sequence[dict], path: Path) -
     for method, group in _group(rows, "method").items():
         pts = sorted((g[0]["flops"] / 1e9, float(np.mean([x["map50_voc07"] for x in g])))
                      for g in _group(group, "budget").values())
-        ax.plot(*zip(*pts), marker="o", label=ARMS[method[0]].label)
+        ax.plot(*zip(*pts), marker="o", label=_label(group[0]))
     for r in reference:
         ax.scatter([r["flops"] / 1e9], [r["map50_voc07"]], marker="*", s=120, label=r["stage"])
     ax.set_xlabel("GFLOPs at the experiment's input size")
@@ -150,8 +156,9 @@ def plot_compress(rows: Sequence[dict], reference: Sequence[dict], path: Path) -
 
 
 # what docs/bench/compress.json keeps of a row (the run folder's compress.json has all of it)
-PUBLISHED = ("budget", "method", "seed", "stage", "map50_voc07", "map50_pruned", "map50_all",
-             "flops", "params", "latency_ms_b1", "latency_threads", "epochs", "sha256")
+PUBLISHED = ("budget", "method", "recovery", "seed", "stage", "map50_voc07", "map50_pruned",
+             "map50_all", "flops", "params", "latency_ms_b1", "latency_threads", "epochs",
+             "sha256")
 
 
 def compress_plan(config: Config) -> list[tuple[float, str, int]]:
@@ -172,8 +179,9 @@ def _row_key(r: dict) -> tuple:
 def merge_published(old: dict, new: dict, source: str | os.PathLike) -> dict:
     """`new` (published form) with the rows of `old` that it has no (budget, method, seed) of: one
     benchmark grown over several runs, so `old` must come from the same experiment, baseline and
-    sparse model (sha256) and recovery epochs, else an error naming the difference. The paired
-    comparisons are the merged rows'; `commands` lists every command that made rows."""
+    sparse model (sha256) and recovery epochs, and each kept row must have been recovered as its
+    method is now (`ours` follows pipeline.recovery), else an error naming the difference. The
+    paired comparisons are the merged rows'; `commands` lists every command that made rows."""
     check_joinable(old, new, source)
     mine = {_row_key(r) for r in new["rows"]}
     rows = sorted([r for r in old.get("rows", []) if _row_key(r) not in mine] + new["rows"],
@@ -185,7 +193,8 @@ def merge_published(old: dict, new: dict, source: str | os.PathLike) -> dict:
 
 def check_joinable(old: dict, new: dict, source: str | os.PathLike) -> None:
     """Raise unless `old`'s rows come from `new`'s experiment, baseline and sparse model and
-    recovery epochs (merge_published; checked before any arm runs, too)."""
+    recovery epochs, each recovered as its method is in `new` (merge_published; checked before any
+    arm runs, too)."""
     for key in ("experiment", "recovery_epochs"):
         if old.get(key) != new[key]:
             raise YoloCompressError(f"{source}: its {key} is {old.get(key)!r}, this run's "
@@ -197,6 +206,13 @@ def check_joinable(old: dict, new: dict, source: str | os.PathLike) -> None:
                 f"{source}: its {key} model is {str(theirs)[:12]}, this run's "
                 f"{new[key]['sha256'][:12]}: --merge joins the rows of one benchmark only "
                 f"(write another --json)")
+    for r in old.get("rows", []):
+        now = new["recoveries"].get(r["method"])
+        if r.get("recovery") != now:
+            raise YoloCompressError(
+                f"{source}: its {r['method']} rows were recovered by "
+                f"{r.get('recovery') or 'an unrecorded recovery'}, this run's {r['method']} by "
+                f"{now} (pipeline.recovery): --merge joins the rows of one benchmark only")
 
 
 def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None = BENCHMARKS_MD,
@@ -213,6 +229,7 @@ def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None =
     n_train = len(load_data(config).train)
     result = {"experiment": config.name, "command": _command("compress", config),
               "recovery_epochs": recovery_epochs(config, n_train),
+              "recoveries": {name: arm.recovery_of(config) for name, arm in ARMS.items()},
               "baseline": reference[0], "sparse": reference[1], "rows": [], "paired": []}
     published = _published_so_far(json_path, merge)
     if published is not None:
@@ -252,7 +269,8 @@ def run_compress(config: Config, latency_iters: int = 30, md_path: Path | None =
 def _published(result: dict) -> dict:
     """What `--json` gets of a run's result: PUBLISHED keys of each row, the reference models'
     scores and sha256s, the machine."""
-    return {**{k: result[k] for k in ("experiment", "command", "recovery_epochs", "paired")},
+    return {**{k: result[k] for k in ("experiment", "command", "recovery_epochs", "recoveries",
+                                      "paired")},
             "machine": machine("torch", "torch-pruning"),
             **{k: {key: result[k][key] for key in ("map50_voc07", "map50_all", "flops", "params",
                                                    "latency_ms_b1", "sha256")}
@@ -346,7 +364,7 @@ def run_ablation(config: Config, md_path: Path | None = BENCHMARKS_MD,
          "variants": {"per group (ours)": recovered(arms("ours_finetune")),
                       "one global": recovered(arms("global"))}},
         {"factor": "recovery", "metrics": ["map50_voc07"],
-         "variants": {"attention distillation": recovered(arms("ours")),
+         "variants": {"attention distillation": recovered(arms("ours_distill")),
                       "plain fine-tune": recovered(arms("ours_finetune"))}},
     ]
     result = {"experiment": config.name, "budget": budget, "seeds": list(seeds),

@@ -26,7 +26,7 @@ from .distill import (REF_SIZE, DistillCriterion, DistillDecayHook, DistillLogHo
 from .layer_prune import source_names, units_from_record
 
 __all__ = ["run_distill", "run_finetune", "build_distill", "build_finetune", "default_teacher",
-           "distill_command", "finetune_command", "pipeline_step"]
+           "distill_command", "finetune_command", "pipeline_step", "finetune_step"]
 
 
 def default_teacher(student: dict) -> Path:
@@ -128,5 +128,12 @@ def finetune_command(config: Config, args: Any) -> Path:
 
 
 def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
-    """The pipeline's distillation: the pruned model, taught by the sparse one."""
+    """The pipeline's recovery with `pipeline.recovery: distill`: the pruned model, taught by the
+    sparse one."""
     return run_distill(config, paths["pruned"], paths["sparse"], force=force)
+
+
+def finetune_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int) -> Path:
+    """The pipeline's recovery by default (`pipeline.recovery: finetune`): the pruned model
+    fine-tuned on the detection loss."""
+    return run_finetune(config, paths["pruned"], force=force)

@@ -1,9 +1,10 @@
 """`yolocompress quantize --config X.yaml [--from MODEL] [--out INT8.onnx]`: an artifact
 (exported to ONNX first, kept as `--fp32`) or an exported .onnx -> its INT8 ONNX model
 (quantize.py), calibrated on the experiment's training split with its `quantize` section.
-Defaults: runs/<name>/distilled/best.pt -> runs/<name>/quantized/model-{int8,fp32}.onnx.
+Defaults: the pipeline's recovered model (runs/<name>/finetuned/best.pt, or distilled/ with
+`pipeline.recovery: distill`) -> runs/<name>/quantized/model-{int8,fp32}.onnx.
 
-The pipeline step (`pipeline.quantize: true`) writes those two files from the distilled model,
+The pipeline step (`pipeline.quantize: true`) writes those two files from the recovered model,
 then metrics.json (written last: the stage's inputs and both files' sha256), so the one skip rule
 (inputs.reuse_complete, with model-int8.onnx as the stage's artifact) applies as to a .pt stage,
 and a complete stage whose files are not the ones it recorded is an error, never reused.
@@ -20,6 +21,7 @@ from ..data.descriptor import load_descriptor, load_split
 from ..errors import YoloCompressError
 from ..fileio import atomic_open, make_dir, refuse_overwrite, remove_stale_temps
 from ..inputs import reuse_complete, stage_inputs
+from ..stages import recovered_stage
 from .quantize import cpu_has_vnni, quantize_onnx, resolve_reduce_range
 from .recalibrate import Calibration
 
@@ -60,7 +62,7 @@ def command(config: Config, args) -> Path:
     """The `quantize` sub-command; an existing --out is replaced only with --force."""
     from ..train.run import stage_dir
 
-    source = Path(args.from_artifact or stage_dir(config, "distilled") / "best.pt")
+    source = Path(args.from_artifact or stage_dir(config, recovered_stage(config)) / "best.pt")
     out = Path(args.out or stage_dir(config, "quantized") / INT8_NAME)
     fp32 = None if source.suffix.lower() == ".onnx" else Path(
         args.fp32 or out.with_name(FP32_NAME))
@@ -104,13 +106,13 @@ def _check_files(folder: Path) -> None:
 
 def pipeline_step(config: Config, paths: dict[str, Path], force: bool, latency_iters: int
                   ) -> Path:
-    """The pipeline's stage 4: the distilled artifact -> runs/<name>/quantized/model-fp32.onnx
+    """The pipeline's stage 4: the recovered artifact -> runs/<name>/quantized/model-fp32.onnx
     and model-int8.onnx, then metrics.json; returns the INT8 file."""
     from ..train.run import stage_dir
 
     folder = stage_dir(config, "quantized")
     int8, fp32 = folder / INT8_NAME, folder / FP32_NAME
-    source = Path(paths["distilled"])
+    source = Path(paths[recovered_stage(config)])
     inputs = quantize_inputs(config, source)
     if reuse_complete("quantized", int8, inputs, force):
         _check_files(folder)
