@@ -9,8 +9,8 @@ Both arms start from the benchmark protocol's sparse model and train for its rec
 seed and density d: `yolocompress gate` (gate.density=d) and its executed MACs per image averaged
 over the val split (gate_stage.measure_artifact); then the static arm, the `ours` arm of `bench
 compress` (the experiment's prune section to a FLOPs budget, then the pipeline's recovery,
-`pipeline.recovery`: fine-tuning by default) at the FLOPs share the seed-0 FBS run saves. Runs live in <root>/fbs-d<d>-seed<s>/
-and <root>/flops<percent>/; a finished run with the same recorded inputs is reused. A budget the
+`pipeline.recovery`: fine-tuning by default) at the FLOPs share the seed-0 FBS run saves. Runs
+live in <root>/fbs-d<d>-seed<s>/ and <root>/flops<percent>/; a finished run with the same recorded inputs is reused. A budget the
 prune limits refuse is recorded in the JSON's `refused` and the static row is left out.
 
 Latency, once every run is trained (a quiet machine; `uptime` is recorded): torch, 1 thread,

@@ -7,23 +7,41 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-cfg/experiments/demo.yaml}
 shift || true
-setting() {   # setting EXPR [key=value ...]: EXPR of the resolved config `c`
-  local expr=$1
-  shift
-  python -c "import sys; from yolocompress.config import load_config; from yolocompress.train.run import run_dir; from yolocompress.stages import recovered_stage; c = load_config(sys.argv[1], sys.argv[2:]); print($expr or '')" "$config" "$@"
+# one python start for the resolved config's paths and switches (importing torch takes
+# seconds); the helper prints a YoloCompressError as one `error:` line, exit 2
+helper() {    # helper settings|adopt STAGE, then the config and its overrides
+  python - "$@" <<'PY'
+import shlex, sys
+from yolocompress.errors import YoloCompressError
+try:
+    from yolocompress.artifacts import file_sha256
+    from yolocompress.config import load_config
+    from yolocompress.pipeline import adopt_stage
+    from yolocompress.stages import recovered_stage
+    from yolocompress.train.run import run_dir
+    if sys.argv[1] == "settings":
+        c = load_config(sys.argv[2], sys.argv[3:])
+        for k, v in {"runs": run_dir(c), "data": c.require_file("data.descriptor"),
+                     "recovered": recovered_stage(c), "shipped_baseline": c.pipeline.baseline,
+                     "shipped_sparse": c.pipeline.sparse}.items():
+            print(f"{k}={shlex.quote(str(v or ''))}")
+    else:   # adopt STAGE: a sparse model must descend from runs/<name>/baseline
+        stage, c = sys.argv[2], load_config(sys.argv[3], sys.argv[4:])
+        adopt_stage(c, stage, parent=None if stage == "baseline" else
+                    file_sha256(run_dir(c) / "baseline" / "best.pt"))
+except YoloCompressError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+PY
 }
-runs=$(setting "run_dir(c)" "$@")
-data=$(setting "c.require_file('data.descriptor')" "$@")
-recovered=$(setting "recovered_stage(c)" "$@")
+vars=$(helper settings "$config" "$@")
+eval "$vars"
 
 # a shipped baseline or sparse model (pipeline.baseline / pipeline.sparse, as in the demo) is
 # adopted instead of trained
-adopt() {     # adopt STAGE [key=value ...]; a sparse model must descend from runs/<name>/baseline
-  python -c "import sys; from yolocompress.config import load_config; from yolocompress.artifacts import file_sha256; from yolocompress.pipeline import adopt_stage; from yolocompress.train.run import run_dir; c = load_config(sys.argv[2], sys.argv[3:]); adopt_stage(c, sys.argv[1], parent=None if sys.argv[1] == 'baseline' else file_sha256(run_dir(c) / 'baseline' / 'best.pt'))" "$1" "$config" "${@:2}"
-}
-if [[ -n $(setting "c.pipeline.baseline" "$@") ]]; then adopt baseline "$@"
+if [[ -n $shipped_baseline ]]; then helper adopt baseline "$config" "$@"
 else python scripts/train.py --config "$config" "$@"; fi
-if [[ -n $(setting "c.pipeline.sparse" "$@") ]]; then adopt sparse "$@"
+if [[ -n $shipped_sparse ]]; then helper adopt sparse "$config" "$@"
 else python scripts/sparse_train.py --config "$config" --from "$runs/baseline/best.pt" "$@"; fi
 if [[ ! -f "$runs/pruned/metrics.json" ]]; then
   python scripts/prune.py --config "$config" --from "$runs/sparse/best.pt" --out "$runs/pruned/best.pt" "$@"
