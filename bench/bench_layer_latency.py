@@ -13,8 +13,8 @@
 3. "channel": the prune stage on the same sparse model with `prune.budget_target=latency` and
    `budget_ratio=r` (channels only, the latency table of the same backend and threads).
 4. The three models (sparse, both pruned) exported and timed again side by side: the equal-latency
-   check the rows report. Then each pruned model is recovered with the pipeline's recovery
-   (distillation from the sparse model; `--recovery finetune`: plain fine-tuning) for every seed.
+   check the rows report. Then each pruned model is recovered for every seed by `--recovery`
+   (default: the config's pipeline.recovery; distill: from the sparse model; finetune: plain).
 
 Every stage keeps its artifact under --out and is reused when complete, so a stopped run
 continues. Latency needs a quiet machine: the rows record `uptime` before and after the timing.
@@ -28,15 +28,15 @@ import statistics
 from pathlib import Path
 
 from yolocompress.artifacts import file_sha256, load_artifact
-from yolocompress.bench.arms import arm_config
+from yolocompress.bench.arms import arm_config, recover
 from yolocompress.benchmarks import (add_result_args, command_line, machine, run_script,
                                      side_by_side_notes, time_side_by_side, uptime, write_result)
-from yolocompress.compress.distill_stage import run_distill, run_finetune
 from yolocompress.compress.prune_stage import run_prune
 from yolocompress.config import load_config
 from yolocompress.errors import YoloCompressError
 from yolocompress.fileio import atomic_open
 from yolocompress.pipeline import score_artifact
+from yolocompress.stages import recovery_stages
 
 HEADING = "## Channel + layer pruning vs channel pruning at equal latency"
 ARMS = ("channel + layer", "channel")
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="residual units the first arm removes")
     ap.add_argument("--budget", type=float, default=0.5, help="FLOPs share the first arm removes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--recovery", choices=("distill", "finetune"), default="distill")
+    ap.add_argument("--recovery", choices=("distill", "finetune"), default=None,
+                    help="default: the config's pipeline.recovery")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     if args.layers < 1:
         raise YoloCompressError(f"--layers must be >= 1, got {args.layers}")
     config = load_config(args.config, args.overrides)
+    recovery = args.recovery or config.pipeline.recovery
     size, out = config.model.img_size, args.out
     backend = {"latency_backend": "onnxruntime", "latency_threads": args.threads}
     pruned = {"channel + layer": run_prune(
@@ -109,10 +111,8 @@ def main(argv=None) -> int:
         art = load_artifact(pruned[arm])
         for seed in args.seeds:
             cfg = _at(config, out, f"{arm.replace(' + ', '-')}-seed{seed}", seed)
-            best = (run_distill(cfg, pruned[arm], args.sparse) if args.recovery == "distill"
-                    else run_finetune(cfg, pruned[arm]))
-            row = score_artifact(cfg, "distilled" if args.recovery == "distill" else "finetuned",
-                                 best, latency_iters=0)
+            best = recover(cfg, recovery, pruned[arm], args.sparse)
+            row = score_artifact(cfg, recovery_stages()[recovery].name, best, latency_iters=0)
             rows.append({"arm": arm, "seed": seed, "units": [u["shortcut"] for u in
                                                              (art["prune"].get("units") or [])],
                          "map50_pruned": art["metrics"].get("map50_voc07"),
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                          "epochs": load_artifact(best)["config"]["train"]["epochs"]})
             print(json.dumps(rows[-1]), flush=True)
     doc = {"command": command_line(),
-           "sparse": str(args.sparse), "img_size": size, "recovery": args.recovery,
+           "sparse": str(args.sparse), "img_size": size, "recovery": recovery,
            "target_latency_reduction": target, "sparse_ms": ms["sparse"], "latency": timing,
            "rows": rows}
     with atomic_open(args.json, "w", encoding="utf-8") as f:
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                      f"{sd:.4f} |")
     print("\n".join(table))
     if args.write:
-        write_result(HEADING, f"sparse model {args.sparse}, recovery {args.recovery}, batch 1, "
+        write_result(HEADING, f"sparse model {args.sparse}, recovery {recovery}, batch 1, "
                      + side_by_side_notes(timing, args.json),
                      machine("torch", "onnxruntime"), "\n".join(table), args.markdown)
     return 0

@@ -111,6 +111,19 @@ def test_ours_follows_the_pipeline_recovery_in_the_folder_of_the_arm_it_equals(m
     assert arm_folder(default, ARMS["torch_pruning"]) == "torch_pruning"
 
 
+def test_recover_runs_the_named_recovery_with_the_teacher_only_for_distillation(monkeypatch):
+    import yolocompress.bench.arms as arms
+
+    calls = []
+    monkeypatch.setattr(arms, "run_distill", lambda c, s, t: calls.append(("distill", s, t)) or "d")
+    monkeypatch.setattr(arms, "run_finetune", lambda c, s: calls.append(("finetune", s)) or "f")
+    assert arms.recover("cfg", "distill", "p.pt", "t.pt") == "d"
+    assert arms.recover("cfg", "finetune", "p.pt", "t.pt") == "f"
+    assert calls == [("distill", "p.pt", "t.pt"), ("finetune", "p.pt")]
+    with pytest.raises(ValueError, match="unknown recovery 'scratch'"):
+        arms.recover("cfg", "scratch", "p.pt", "t.pt")
+
+
 def test_compress_bench_arms_share_the_sparse_model_and_hit_the_budget(mini, tmp_path, capsys):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\n## Other\n\nkept\n")

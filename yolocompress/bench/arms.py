@@ -32,8 +32,8 @@ from ..pipeline import score_artifact
 from ..stages import ARMS, Arm, recovery_stages
 from ..train.run import config_evaluator, with_stage_budget
 
-__all__ = ["Arm", "ARMS", "arm_config", "arm_folder", "prune_arm", "run_arm", "recovery_epochs",
-           "scratch_config"]
+__all__ = ["Arm", "ARMS", "arm_config", "arm_folder", "prune_arm", "recover", "run_arm",
+           "recovery_epochs", "scratch_config"]
 
 
 def arm_config(config: Config, root: Path, folder: str, seed: int | None = None) -> Config:
@@ -160,6 +160,15 @@ def scratch_config(config: Config, sparse: Path, n_train: int) -> Config:
         config.train, epochs=epochs, lr=bc.scratch_lr or config.train.lr))
 
 
+def recover(config: Config, recovery: str, pruned: Path, teacher: Path) -> Path:
+    """The best.pt of `pruned` recovered by `recovery` (distill: from `teacher`; finetune)."""
+    if recovery == "distill":
+        return run_distill(config, pruned, teacher)
+    if recovery == "finetune":
+        return run_finetune(config, pruned)
+    raise ValueError(f"unknown recovery {recovery!r}")
+
+
 def arm_folder(config: Config, arm: Arm) -> str:
     """The arm whose folder `arm` runs in: itself, or for a `pipeline` recovery the arm with a fixed
     recovery that runs the same pruning and recovery under `config` (if one is registered)."""
@@ -187,13 +196,11 @@ def run_arm(config: Config, root: Path, arm: Arm, sparse: Path, budget: float, s
         cfg = with_recovery_epochs(cfg, final)
     else:
         pruned = prune_arm(config, root, arm.pruning, sparse, budget)
-    if recovery == "distill":
-        best = run_distill(cfg, pruned, sparse)
-    elif recovery == "finetune":
-        best = run_finetune(cfg, pruned)
-    else:
+    if recovery == "scratch":
         cfg = scratch_config(cfg, sparse, n_train)
         best = run_scratch(cfg, pruned)
+    else:
+        best = recover(cfg, recovery, pruned, sparse)
     epochs = load_artifact(best)["config"]["train"]["epochs"] + before
     row = score_artifact(cfg, recovery_stages()[recovery].name, best, latency_iters)
     row.update(method=arm.name, label=arm.label, budget=budget, seed=seed, epochs=epochs,
