@@ -382,6 +382,11 @@ class DistillConfig(_StageBudget):
     # method); "linear" / "cosine" = from 1 at the first step to 0 at the last, so the recovery
     # ends as a plain fine-tune (compress/distill.py: decay_factor)
     decay: Literal["none", "linear", "cosine"] = "none"
+    # the AT weights from the student's start instead of the betas: every layer the same share
+    # and all of them together `balance` x the detection loss at the first step, measured on
+    # balance_images training images (compress/distill_balance.py); null = the betas / the rule
+    balance: Optional[float] = None
+    balance_images: int = 64
     # (epochs / steps / lr / optimizer, _StageBudget: also those of the plain fine-tune it is
     # compared with)
 
@@ -396,6 +401,11 @@ class DistillConfig(_StageBudget):
             _require(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _require(self.p > 0, "p", "must be > 0", self.p)
         _require(self.kd_temperature > 0, "kd_temperature", "must be > 0", self.kd_temperature)
+        _require(self.balance is None or self.balance > 0, "balance", "must be > 0 or null",
+                 self.balance)
+        _require(self.balance is None or not self.betas, "balance",
+                 "replaces betas: give one of the two", self.balance)
+        _require(self.balance_images >= 1, "balance_images", "must be >= 1", self.balance_images)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ The artifact gets stage `distilled`, the student artifact as parent (lineage), t
 `prune` record (the cfg is still the pruned one) and a `distill` record {teacher (stage, path,
 sha256), layers [{name, teacher (the layer's name in the teacher: after layer pruning, the
 source cfg's name), beta, stride, part}], p, fg_mask, output_kd, kd_temperature, box_kd,
-box_kd_margin, teacher_bn, decay, ref_size}.
+box_kd_margin, teacher_bn, decay, ref_size, balance (null, or {share, images, detection_loss,
+at: the unweighted start value per layer} when distill.balance set the betas)}.
 
 `run_finetune` (`build_finetune`) is the control it is measured against: the same student,
 budget and lr (`distill.epochs` or `.steps`, `distill.lr`), detection loss only, stage `finetuned`.
@@ -20,10 +21,12 @@ from typing import Any
 from ..artifacts import build_model, file_sha256, load_parent
 from ..config import Config
 from ..errors import YoloCompressError
-from ..train.run import DataSplits, StageParts, train_built, with_stage_budget
+from ..train.run import DataSplits, StageParts, train_built, uses_letterbox, with_stage_budget
 from .distill import (REF_SIZE, DistillCriterion, DistillDecayHook, DistillLogHook, match_layers,
                       resolve_layers)
+from .distill_balance import balanced_betas
 from .layer_prune import source_names, units_from_record
+from .recalibrate import Calibration
 
 __all__ = ["run_distill", "run_finetune", "build_distill", "build_finetune", "default_teacher",
            "distill_command", "finetune_command", "pipeline_step", "finetune_step"]
@@ -93,6 +96,16 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
                             units_from_record(teacher_model.blocks, units), names)
                if units else names)
     infos = match_layers(teacher_model, student_model, names, t_names)
+    balance = None
+    if dc.balance is not None:
+        calib = Calibration.from_records(data.train, dc.balance_images, config.model.img_size,
+                                         uses_letterbox(config, student_model),
+                                         config.eval.batch_size)
+        betas, measured = balanced_betas(student_model, teacher_model, names, calib, dc.balance,
+                                         p=dc.p, fg_mask=dc.fg_mask, teacher_bn=dc.teacher_bn,
+                                         teacher_layers=t_names)
+        layers = list(zip(names, betas))
+        balance = {"share": dc.balance, "images": calib.images, **measured}
     extra["distill"] = {
         "teacher": {"stage": teacher_art["stage"], "path": teacher_art["path"],
                     "sha256": teacher_art["sha256"]},
@@ -101,7 +114,7 @@ def build_distill(config: Config, data: DataSplits, student: str | os.PathLike,
         "p": dc.p, "fg_mask": dc.fg_mask, "output_kd": dc.output_kd,
         "kd_temperature": dc.kd_temperature, "box_kd": dc.box_kd,
         "box_kd_margin": dc.box_kd_margin, "teacher_bn": dc.teacher_bn, "decay": dc.decay,
-        "ref_size": REF_SIZE,
+        "ref_size": REF_SIZE, "balance": balance,
     }
 
     def wrap(criterion):
