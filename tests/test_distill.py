@@ -536,15 +536,14 @@ def test_wrapped_criterion_contract(pair):
 
 # ---- the stage ------------------------------------------------------------------------------
 
-def test_run_distill_stage_end_to_end(tmp_path, pair):
+def distill_experiment(tmp_path, teacher, student, distill: dict, **student_record):
+    """(exp.yaml, teacher path, student path): an experiment on a tiny generated set with the
+    `distill` section, the teacher as a sparse artifact and the student as the pruned artifact
+    made from it (with `student_record`, e.g. prune=...)."""
     import yaml
 
-    from yolocompress.artifacts import (artifact_from_model, file_sha256, load_artifact,
-                                        save_artifact)
-    from yolocompress.compress.distill_stage import run_distill
-    from yolocompress.config import load_config
+    from yolocompress.artifacts import artifact_from_model, save_artifact
     from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
-    teacher, student = pair
     names = list(DEMO_CLASSES)
     generate_demo(tmp_path / "demo", seed=3, n_train=8, n_val=4, img_size=SIZE)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump({
@@ -555,13 +554,28 @@ def test_run_distill_stage_end_to_end(tmp_path, pair):
         "data": {"descriptor": "demo.yaml", "workers": 0},
         "train": {"epochs": 1, "batch_size": 4, "nominal_batch": 4, "burn_in": 1,
                   "eval_interval": 1, "multi_scale": False, "out_dir": str(tmp_path / "runs")},
-        "distill": {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch",
-                    "box_kd": 1.0, "decay": "cosine"}}))
+        "distill": distill}))
     t_path, s_path = tmp_path / "sparse.pt", tmp_path / "pruned.pt"
     sha = save_artifact(artifact_from_model(teacher, "sparse", names), t_path)
-    save_artifact(artifact_from_model(student, "pruned", names, parent=sha, prune={"version": 1},
+    save_artifact(artifact_from_model(student, "pruned", names, parent=sha,
                                       lineage=[{"stage": "sparse", "sha256": sha,
-                                                "path": str(t_path)}]), s_path)
+                                                "path": str(t_path)}], **student_record), s_path)
+    return tmp_path / "exp.yaml", t_path, s_path
+
+
+def test_run_distill_stage_end_to_end(tmp_path, pair):
+    from yolocompress.artifacts import (artifact_from_model, file_sha256, load_artifact,
+                                        save_artifact)
+    from yolocompress.compress.distill_stage import run_distill
+    from yolocompress.config import load_config
+    from yolocompress.data.synthetic import DEMO_CLASSES
+    teacher, student = pair
+    names = list(DEMO_CLASSES)
+    _, t_path, s_path = distill_experiment(
+        tmp_path, teacher, student,
+        {"layers": ["conv46", "conv100"], "output_kd": 0.5, "teacher_bn": "batch", "box_kd": 1.0,
+         "decay": "cosine"}, prune={"version": 1})
+    sha = file_sha256(t_path)
     best = load_artifact(run_distill(load_config(tmp_path / "exp.yaml"), s_path))
     assert best["stage"] == "distilled" and best["parent"] == file_sha256(s_path)
     assert best["prune"] == {"version": 1} and best["lineage"][-1]["stage"] == "pruned"

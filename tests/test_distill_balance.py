@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import yaml
 
 from yolocompress.compress.distill import DistillCriterion, batch_statistics
 from yolocompress.compress.distill_balance import balanced_betas
@@ -14,8 +13,7 @@ from yolocompress.errors import YoloCompressError
 from yolocompress.train.loss import YoloLoss
 from yolocompress.train.run import detection_criterion
 
-from conftest import cfg_path
-from test_distill import SIZE, _images, _names, _nano_pair, _targets
+from test_distill import SIZE, _images, _names, _nano_pair, _targets, distill_experiment
 
 
 @pytest.fixture(scope="module")
@@ -82,36 +80,14 @@ def test_layers_where_student_and_teacher_agree_get_no_weight_and_share_must_be_
             balanced_betas(twin, teacher, names, _calib(), bad)
 
 
-def _stage(tmp_path, teacher, student, distill: dict):
-    """An experiment on a tiny generated set, the teacher and its pruned student as artifacts."""
-    from yolocompress.artifacts import artifact_from_model, save_artifact
-    from yolocompress.data.synthetic import DEMO_CLASSES, generate_demo
-    names = list(DEMO_CLASSES)
-    generate_demo(tmp_path / "demo", seed=3, n_train=8, n_val=4, img_size=SIZE)
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump({
-        "format": "voc", "root": "demo", "train": ["demo/train"], "val": ["demo/val"],
-        "names": names}))
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
-        "model": {"cfg": str(cfg_path("yolov4-nano")), "img_size": SIZE},
-        "data": {"descriptor": "demo.yaml", "workers": 0},
-        "train": {"epochs": 1, "batch_size": 4, "nominal_batch": 4, "burn_in": 1,
-                  "multi_scale": False, "out_dir": str(tmp_path / "runs")},
-        "distill": distill}))
-    t_path, s_path = tmp_path / "sparse.pt", tmp_path / "pruned.pt"
-    sha = save_artifact(artifact_from_model(teacher, "sparse", names), t_path)
-    save_artifact(artifact_from_model(student, "pruned", names, parent=sha,
-                                      lineage=[{"stage": "sparse", "sha256": sha,
-                                                "path": str(t_path)}]), s_path)
-    return tmp_path / "exp.yaml", s_path
-
-
 def test_distill_stage_records_the_balanced_betas_it_trains_with(pair, tmp_path):
     from yolocompress.compress.distill_stage import build_distill
     from yolocompress.config import load_config
     from yolocompress.train.run import load_data, uses_letterbox
     teacher, student = pair
-    exp, s_path = _stage(tmp_path, teacher, student,
-                         {"layers": ["conv46", "conv100"], "balance": 0.2, "balance_images": 5})
+    exp, _, s_path = distill_experiment(tmp_path, teacher, student,
+                                        {"layers": ["conv46", "conv100"], "balance": 0.2,
+                                         "balance_images": 5})
     config = load_config(exp)
     data = load_data(config)
     _, parts = build_distill(config, data, s_path)
@@ -138,6 +114,7 @@ def test_distill_stage_records_the_balanced_betas_it_trains_with(pair, tmp_path)
     (["distill.balance_images=0"], "balance_images: must be >= 1")])
 def test_balance_settings_are_checked(pair, tmp_path, override, problem):
     from yolocompress.config import load_config
-    exp, _ = _stage(tmp_path, *pair, {"layers": ["conv46", "conv100"], "balance": 0.2})
+    exp, _, _ = distill_experiment(tmp_path, *pair, {"layers": ["conv46", "conv100"],
+                                                     "balance": 0.2})
     with pytest.raises(YoloCompressError, match=problem):
         load_config(exp, override)
